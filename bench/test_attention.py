@@ -1,0 +1,74 @@
+"""Prefix-K/V attention: HF eager (the authors' recipe), SDPA with a bool mask, and tpm_fast's reference.
+
+All take q, k, v (B, H, n, d), prefix k_p, v_p (B, H, m, d) and per-post lengths; eager and SDPA concatenate the
+prefix into K/V as HF BertModel with a prefix cache does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tpm_fast.reference.prefix_attention import prefix_attention
+
+H, D, M = 12, 64, 4
+SHAPES = [(8, 64), (8, 128), (32, 64), pytest.param(32, 128, marks=pytest.mark.big)]
+
+
+def hf_eager(q, k, v, k_p, v_p, lengths):
+    b, n = q.shape[0], k.shape[2]
+    keys, values = torch.cat([k_p, k], 2), torch.cat([v_p, v], 2)  # shape: (B, H, m+n, d)
+    visible = torch.cat([torch.ones(b, k_p.shape[2], dtype=torch.bool, device=q.device), _mask(lengths, n)], 1)
+    additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+    additive = additive.masked_fill(~visible, torch.finfo(q.dtype).min)[:, None, None]  # shape: (B, 1, 1, m+n)
+    scores = q @ keys.transpose(2, 3) / math.sqrt(q.shape[-1]) + additive  # shape: (B, H, n, m+n)
+    return torch.softmax(scores, -1) @ values
+
+
+def sdpa_mask(q, k, v, k_p, v_p, lengths):
+    b, n = q.shape[0], k.shape[2]
+    keys, values = torch.cat([k_p, k], 2), torch.cat([v_p, v], 2)  # shape: (B, H, m+n, d)
+    visible = torch.cat([torch.ones(b, k_p.shape[2], dtype=torch.bool, device=q.device), _mask(lengths, n)], 1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None])
+
+
+def reference(q, k, v, k_p, v_p, lengths):
+    return prefix_attention(q, k, v, k_p, v_p, lengths=lengths)
+
+
+def _mask(lengths, n):
+    return torch.arange(n, device=lengths.device) < lengths.unsqueeze(1)  # shape: (B, n)
+
+
+PROVIDERS = {"hf_eager": hf_eager, "sdpa_mask": sdpa_mask, "reference": reference}
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("b,n", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefix_attention(bench, bench_device, dtype, b, n, mode, provider):
+    if dtype != torch.float32 and bench_device.type != "cuda":
+        pytest.skip("bf16 attention is only benchmarked on CUDA")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, H, n, D, generator=g).to(bench_device, dtype).requires_grad_(True) for _ in range(3))
+    k_p, v_p = (torch.randn(b, H, M, D, generator=g).to(bench_device, dtype).requires_grad_(True) for _ in range(2))
+    lengths = torch.randint(n // 2, n + 1, (b,), generator=g).to(bench_device)
+    fn = PROVIDERS[provider]
+
+    def forward():
+        with torch.no_grad():
+            return fn(q, k, v, k_p, v_p, lengths)
+
+    def forward_backward():
+        out = fn(q, k, v, k_p, v_p, lengths)
+        grads = torch.autograd.grad(out.sum(), (q, k, v, k_p, v_p))
+        return grads
+
+    shape = {"B": b, "H": H, "n": n, "m": M, "d": D}
+    group = f"attention-{mode}-{str(dtype).removeprefix('torch.')}-B{b}-n{n}"
+    run = forward if mode == "forward" else forward_backward
+    bench(run, group=group, provider=provider, dtype=dtype, shape=shape)

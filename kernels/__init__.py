@@ -1,0 +1,1 @@
+"""Triton kernels (installed as ``tpm_fast.kernels``). Populated by the fused attention and CRF work."""

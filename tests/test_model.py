@@ -1,0 +1,133 @@
+"""TPM-MI model: shapes, image handling (ViT only on present images), per-post image attention, save/load."""
+
+import pytest
+import torch
+
+from tpm_fast.data.labels import LABEL2ID, LABELS
+from tpm_fast.model import TPMMI, TPMConfig, load_model, save_model
+
+BERT = dict(
+    vocab_size=40,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=40,
+)
+VIT = dict(
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    image_size=32,
+    patch_size=16,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+
+
+def make_config(**kw) -> TPMConfig:
+    return TPMConfig(bert=BERT, vit=VIT, prefix_hidden=24, temporal_heads=2, temporal_ffn=32, dropout=0.0, **kw)
+
+
+def make_batch(image_mask: torch.Tensor, n: int = 9, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    batch = image_mask.shape[0]
+    lengths = torch.randint(1, n + 1, (batch,), generator=g)
+    lengths[0] = n
+    mask = torch.arange(n)[None] < lengths[:, None]
+    post, slot = image_mask.nonzero(as_tuple=True)
+    return {
+        "input_ids": torch.randint(1, 40, (batch, n), generator=g) * mask,
+        "attention_mask": mask,
+        "labels": torch.randint(0, len(LABELS), (batch, n), generator=g) * mask,
+        "first_piece": mask.clone(),
+        "pixel_values": torch.randn(len(post), 3, 32, 32, generator=g),
+        "image_post": post,
+        "image_slot": slot,
+        "image_mask": image_mask,
+    }
+
+
+MASK = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 1]], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("image_mode", ["text", "first", "multi"])
+@pytest.mark.parametrize("image_padding", ["zero_feature", "zero_pixel"])
+@pytest.mark.parametrize("image_feature", ["cls", "pooler"])
+def test_forward_backward_decode(image_mode, image_padding, image_feature):
+    torch.manual_seed(0)
+    model = TPMMI(make_config(image_mode=image_mode, image_padding=image_padding, image_feature=image_feature))
+    batch = make_batch(MASK)
+    loss = model(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert model.emissions.weight.grad.abs().sum() > 0
+    if image_mode != "text":
+        assert model.images.project[0].weight.grad.abs().sum() > 0
+    tags, lengths = model.decode(batch)
+    assert tags.shape == batch["input_ids"].shape
+    assert lengths.tolist() == batch["attention_mask"].sum(1).tolist()
+    assert int(tags.max()) < len(LABELS)
+
+
+@pytest.mark.parametrize("image_padding,extra", [("zero_feature", 0), ("zero_pixel", 1)])
+def test_vit_runs_on_present_images_only(image_padding, extra):
+    model = TPMMI(make_config(image_padding=image_padding))
+    seen = []
+    model.images.vit.register_forward_hook(
+        lambda mod, args, kwargs, out: seen.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+    )
+    model(make_batch(MASK))
+    assert sum(seen) == int(MASK.sum()) + extra  # zero_pixel: the zero image once per batch, not once per empty slot
+    seen.clear()
+    model(make_batch(torch.ones(2, 4, dtype=torch.bool)))
+    assert sum(seen) == 8  # no empty slot: no zero image at all
+
+
+def test_empty_slots_zero_feature_and_no_images():
+    model = TPMMI(make_config()).eval()
+    batch = make_batch(torch.zeros(3, 4, dtype=torch.bool))  # no image in the whole batch
+    assert batch["pixel_values"].shape[0] == 0
+    assert torch.isfinite(model(batch))
+
+
+def test_images_attend_within_each_post_only():
+    """Permuting the posts of a batch permutes the emissions: no attention across posts (the authors' bug)."""
+    model = TPMMI(make_config()).eval()
+    batch = make_batch(MASK, seed=3)
+    perm = torch.tensor([2, 0, 3, 1])
+    inverse = torch.argsort(perm)
+    permuted = {k: v[perm] for k, v in batch.items() if k not in ("pixel_values", "image_post", "image_slot")}
+    order = torch.cat([torch.nonzero(batch["image_post"] == p).flatten() for p in perm.tolist()])
+    permuted["pixel_values"] = batch["pixel_values"][order]
+    permuted["image_post"] = inverse[batch["image_post"][order]]
+    permuted["image_slot"] = batch["image_slot"][order]
+    with torch.no_grad():
+        torch.testing.assert_close(model.emission_scores(permuted), model.emission_scores(batch)[perm])
+
+
+def test_images_change_the_emissions():
+    model = TPMMI(make_config()).eval()
+    batch = make_batch(MASK, seed=4)
+    other = dict(batch, pixel_values=torch.randn_like(batch["pixel_values"]))
+    with torch.no_grad():
+        assert not torch.allclose(model.emission_scores(batch), model.emission_scores(other))
+
+
+def test_save_load_round_trip(tmp_path):
+    model = TPMMI(make_config(image_padding="zero_pixel")).eval()
+    save_model(model, tmp_path / "m.pt", {"max_seq_length": 64})
+    loaded, blob = load_model(tmp_path / "m.pt")
+    assert blob["max_seq_length"] == 64 and loaded.config == model.config
+    batch = make_batch(MASK)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.emission_scores(batch), model.emission_scores(batch))
+
+
+def test_bad_options_rejected():
+    with pytest.raises(ValueError, match="image_mode"):
+        TPMConfig(image_mode="all")
+    with pytest.raises(ValueError, match="image_padding"):
+        TPMConfig(image_padding="zeros")
+    assert LABEL2ID["X"] == len(LABELS) - 1

@@ -1,0 +1,184 @@
+"""End to end on a small synthetic corpus: train.py (DeepSpeed ZeRO, CPU ranks), --resume, --eval-only, tpm-predict."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tpm_fast.data.synthetic import ensure_synthetic_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--eval-batch-size",
+    "16",
+    "--max-seq-length",
+    "48",
+    "--no-progress",
+    "--workers",
+    "0",
+]
+
+
+def run(args: list[str], cwd: Path = ROOT) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout + proc.stderr
+
+
+def epochs_logged(out: Path) -> list[int]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["epoch"] for r in lines if "epoch" in r]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return ensure_synthetic_corpus(tmp_path_factory.mktemp("cache"), seed=1, n_train=48, n_val=16, n_test=16)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    log = run([sys.executable, "train.py", "--data-dir", str(corpus), "--output-dir", str(out), *SMALL])
+    assert "best epoch" in log and "test P=" in log
+    return out
+
+
+def test_train_writes_log_checkpoints_and_model(trained):
+    assert epochs_logged(trained) == [1, 2]
+    result = json.loads((trained / "results.json").read_text())
+    assert 0.0 <= result["test_f1"] <= 1.0 and result["best_epoch"] in (1, 2)
+    assert (trained / "best_model.pt").exists() and (trained / "tokenizer").is_dir()
+    assert sorted(p.name for p in (trained / "checkpoints").glob("epoch*")) == ["epoch1", "epoch2"]
+
+
+def test_resume_continues_from_last_epoch(trained, corpus):
+    log = run(
+        [
+            sys.executable,
+            "train.py",
+            "--data-dir",
+            str(corpus),
+            "--output-dir",
+            str(trained),
+            *SMALL,
+            "--epochs",
+            "3",
+            "--resume",
+        ]
+    )
+    assert "resumed from" in log and "epoch 2 done" in log
+    assert epochs_logged(trained) == [1, 2, 3]  # epochs 1-2 were not trained again
+    assert sorted(p.name for p in (trained / "checkpoints").glob("epoch*")) == ["epoch2", "epoch3"]  # keep 2
+
+
+def test_eval_only_reproduces_test_score(trained, corpus):
+    log = run(
+        [
+            sys.executable,
+            "train.py",
+            "--data-dir",
+            str(corpus),
+            "--eval-only",
+            "--checkpoint",
+            str(trained / "best_model.pt"),
+            "--no-progress",
+        ]
+    )
+    result = json.loads((trained / "results.json").read_text())
+    assert f"F1={result['test_f1'] * 100:.2f}" in log.split("test:")[1]
+
+
+def test_predict_writes_entities(trained, corpus, tmp_path):
+    lines = (corpus / "MNER-MI_test.txt").read_text().splitlines()[:5]
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text("\n".join(json.dumps({k: v for k, v in json.loads(x).items() if k != "label"}) for x in lines))
+    out = tmp_path / "out.jsonl"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "tpm_fast.predict",
+            "--checkpoint",
+            str(trained / "best_model.pt"),
+            "--input",
+            str(posts),
+            "--image-dir",
+            str(corpus / "images"),
+            "--output",
+            str(out),
+        ]
+    )
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(records) == 5
+    for rec, line in zip(records, lines):
+        src = json.loads(line)
+        assert rec["id"] == src["id"] and rec["text"] == src["text"]
+        for ent in rec["entities"]:
+            assert ent["type"] in ("PER", "LOC", "ORG", "MISC")
+            assert ent["text"] == " ".join(src["text"][ent["start"] : ent["end"]])
+
+
+FIRST_ZERO_PIXEL = ["--image-mode", "first", "--image-padding", "zero_pixel"]
+
+
+@pytest.mark.parametrize("stage,extra", [(3, ["--bf16"]), (2, FIRST_ZERO_PIXEL)])
+def test_zero_stages_and_precisions(corpus, tmp_path, stage, extra):
+    log = run(
+        [
+            sys.executable,
+            "train.py",
+            "--data-dir",
+            str(corpus),
+            "--output-dir",
+            str(tmp_path),
+            *SMALL,
+            "--epochs",
+            "1",
+            "--zero-stage",
+            str(stage),
+            *extra,
+        ]
+    )
+    assert f"ZeRO-{stage}" in log and "test P=" in log
+
+
+def test_deepspeed_launcher_two_ranks(corpus, tmp_path):
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    log = run(
+        [
+            launcher,
+            "--num_gpus",
+            "2",
+            "train.py",
+            "--data-dir",
+            str(corpus),
+            "--output-dir",
+            str(tmp_path),
+            *SMALL,
+            "--epochs",
+            "1",
+            "--zero-stage",
+            "2",
+        ]
+    )
+    assert "2 rank(s)" in log and "test P=" in log
+
+
+def test_bad_options_fail_early(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--batch-size", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--batch-size must be at least 1" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--data-dir", str(tmp_path), "--no-progress"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "MNER-MI_train.txt" in proc.stderr

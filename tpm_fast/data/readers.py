@@ -1,0 +1,299 @@
+"""Readers for the MNER-MI JSON-lines files and the TWITTER-2015/2017 CoNLL files.
+
+Every reader returns a list of :class:`Post`. Bad input raises :class:`DataFormatError` whose message starts with
+``"<file>:<line>: "``. Files may use CRLF line ends and may start with a UTF-8 byte order mark. Lines are split on
+``"\\n"`` only (tweets may contain U+2028 and other characters that ``str.splitlines`` would split on).
+
+A post with more than :data:`~tpm_fast.data.images.MAX_IMAGES` images keeps the first four; each such post is counted
+in ``ImageStats.too_many`` (pass ``stats=`` to collect the count) and warned about (first few per kind, then a
+suppression notice; see :class:`~tpm_fast.data.images.ImageStats`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from tpm_fast.data.images import MAX_IMAGES, ImageStats
+from tpm_fast.data.labels import ALLOWED_LABELS_TEXT, normalize_label
+
+logger = logging.getLogger(__name__)
+
+DATASETS: tuple[str, ...] = ("MI", "UNI", "twitter2015", "twitter2017", "synthetic")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+TWITTER2017_PREFIX = "twitter2017-"
+
+
+class DataFormatError(ValueError):
+    """Malformed input data; the message starts with ``"<file>:<line>: "``."""
+
+
+@dataclass
+class Post:
+    """One post (tweet) with its words, tags and image paths.
+
+    Attributes:
+        id: the post id as a string.
+        words: the words of the post (never empty).
+        labels: normalized tags (same length as words), or None when read unlabeled.
+        images: 0..4 resolved image paths; a path may not exist (the image loader leaves that slot empty).
+        source: ``"file:line"`` where the post starts, for messages.
+    """
+
+    id: str
+    words: list[str]
+    labels: list[str] | None
+    images: list[Path]
+    source: str
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, line without its end) for a UTF-8 file (BOM and CRLF tolerated)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataFormatError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for i, line in enumerate(lines, start=1):
+        yield i, line[:-1] if line.endswith("\r") else line
+
+
+def _normalize_tags(tags: list[str], words: list[str], where: str) -> list[str]:
+    out = []
+    for k, tag in enumerate(tags):
+        try:
+            out.append(normalize_label(tag.strip()))
+        except ValueError:
+            raise DataFormatError(
+                f"{where}: unknown label {tag!r} for word {k} ({words[k]!r}); allowed: {ALLOWED_LABELS_TEXT}"
+            ) from None
+    return out
+
+
+def _check_image_name(name: object, where: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise DataFormatError(f"{where}: image names must be non-empty strings, got {name!r}")
+    for pure in (PurePosixPath(name), PureWindowsPath(name)):
+        if pure.is_absolute() or ".." in pure.parts or pure.drive:
+            raise DataFormatError(f"{where}: image name {name!r} must be a relative path inside the image folder")
+    return name
+
+
+def _keep_first_images(names: list, post_id: str, where: str, stats: ImageStats) -> list:
+    if len(names) > MAX_IMAGES:
+        stats.count(
+            "too_many",
+            f"{where}: post {post_id} has {len(names)} images; keeping the first {MAX_IMAGES}",
+            n=1,
+        )
+        return names[:MAX_IMAGES]
+    return names
+
+
+def read_mner_jsonl(
+    path: str | Path,
+    image_dir: str | Path,
+    twitter2017_image_dir: str | Path | None = None,
+    labeled: bool = True,
+    *,
+    stats: ImageStats | None = None,
+) -> list[Post]:
+    """Read an MNER-MI / MNER-UNI (MNER-MI-Plus) JSON-lines file.
+
+    Each non-blank line is ``{"id", "text": [words], "images": [names], "label": [tags], "url"}``.
+    Image names starting with ``"twitter2017-"`` (MNER-UNI) resolve to ``twitter2017_image_dir / <part after the
+    first "-">``, e.g. ``"twitter2017-O_538.jpg"`` -> ``twitter2017_image_dir / "O_538.jpg"``; when
+    ``twitter2017_image_dir`` is None they resolve to ``image_dir / <name as written>``.
+
+    Args:
+        path: the JSON-lines file.
+        image_dir: folder of the MNER-MI images.
+        twitter2017_image_dir: folder of the TWITTER-2017 images (MNER-UNI only).
+        labeled: read and validate ``"label"``; when False labels are None and ``"label"`` is ignored.
+        stats: counters to add ``too_many`` to (a private one is used when None).
+
+    Returns:
+        The posts in file order (blank lines skipped).
+
+    Raises:
+        DataFormatError: ``"file:line: ..."`` for invalid JSON, a missing key, empty text, non-string words,
+            word/label count mismatch, unknown label, a bad image list.
+    """
+    path = Path(path)
+    image_dir = Path(image_dir)
+    t17_dir = None if twitter2017_image_dir is None else Path(twitter2017_image_dir)
+    stats = ImageStats() if stats is None else stats
+    required = ("id", "text", "images") + (("label",) if labeled else ())
+    posts: list[Post] = []
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        missing = [k for k in required if k not in obj]
+        if missing:
+            raise DataFormatError(f"{where}: missing key(s) {missing}; present: {sorted(obj)}")
+        post_id = str(obj["id"])
+        words = obj["text"]
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise DataFormatError(f"{where}: 'text' must be a list of strings")
+        if not words:
+            raise DataFormatError(f"{where}: empty text in post {post_id}")
+        labels = None
+        if labeled:
+            tags = obj["label"]
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                raise DataFormatError(f"{where}: 'label' must be a list of strings")
+            if len(tags) != len(words):
+                raise DataFormatError(f"{where}: {len(words)} words but {len(tags)} labels in post {post_id}")
+            labels = _normalize_tags(tags, words, where)
+        names = obj["images"]
+        if not isinstance(names, list):
+            raise DataFormatError(f"{where}: 'images' must be a list of file names")
+        names = [_check_image_name(n, where) for n in _keep_first_images(names, post_id, where, stats)]
+        images = []
+        for name in names:
+            if t17_dir is not None and name.startswith(TWITTER2017_PREFIX):
+                images.append((t17_dir / name.split("-", 1)[1]).resolve())
+            else:
+                images.append((image_dir / name).resolve())
+        posts.append(Post(id=post_id, words=words, labels=labels, images=images, source=where))
+    logger.debug("read %d posts from %s", len(posts), path)
+    return posts
+
+
+def read_conll(path: str | Path, image_dir: str | Path, labeled: bool = True) -> list[Post]:
+    """Read a TWITTER-2015 / TWITTER-2017 CoNLL file.
+
+    Posts are blocks separated by blank lines; a block's first line is ``IMGID:<id>``, then one ``word<TAB>tag``
+    per line (``word`` alone is accepted when ``labeled`` is False). The image is ``image_dir / "<id>.jpg"``.
+
+    Args:
+        path: the CoNLL file.
+        image_dir: folder of the images.
+        labeled: read and validate tags; when False labels are None and tags are ignored.
+
+    Returns:
+        The posts in file order, each with one image path.
+
+    Raises:
+        DataFormatError: ``"file:line: ..."`` for a block without ``IMGID:``, an empty id, a post without words,
+            a line without a tab (or with more than one), an unknown label.
+    """
+    path = Path(path)
+    image_dir = Path(image_dir)
+    posts: list[Post] = []
+    block: list[tuple[int, str]] = []
+
+    def flush() -> None:
+        if not block:
+            return
+        first_no, first = block[0]
+        where = f"{path}:{first_no}"
+        if not first.startswith("IMGID:"):
+            raise DataFormatError(f"{where}: missing IMGID (a post must start with 'IMGID:<id>'), got {first[:50]!r}")
+        post_id = first[len("IMGID:") :].strip()
+        if not post_id:
+            raise DataFormatError(f"{where}: empty IMGID")
+        if len(block) == 1:
+            raise DataFormatError(f"{where}: empty text in post {post_id}")
+        words, tags = [], []
+        for lineno, line in block[1:]:
+            fields = line.split("\t")
+            if len(fields) == 1 and not labeled:
+                fields = [line, ""]
+            if len(fields) != 2:
+                got = f"got {len(fields)} tab-separated field(s): {line[:50]!r}"
+                raise DataFormatError(f"{path}:{lineno}: expected 'word<TAB>label', {got}")
+            words.append(fields[0])
+            tags.append(fields[1])
+            if labeled:
+                try:
+                    tags[-1] = normalize_label(fields[1].strip())
+                except ValueError:
+                    raise DataFormatError(
+                        f"{path}:{lineno}: unknown label {fields[1]!r} for word {fields[0]!r}; "
+                        f"allowed: {ALLOWED_LABELS_TEXT}"
+                    ) from None
+        image = (image_dir / f"{post_id}.jpg").resolve()
+        posts.append(Post(id=post_id, words=words, labels=tags if labeled else None, images=[image], source=where))
+        block.clear()
+
+    for lineno, line in _lines(path):
+        if line.strip():
+            block.append((lineno, line))
+        else:
+            flush()
+    flush()
+    logger.debug("read %d posts from %s", len(posts), path)
+    return posts
+
+
+def load_split(
+    data_dir: str | Path,
+    dataset: str,
+    split: str,
+    image_dir: str | Path | None = None,
+    twitter2017_image_dir: str | Path | None = None,
+    *,
+    labeled: bool = True,
+    stats: ImageStats | None = None,
+) -> list[Post]:
+    """Load one split of a dataset from its standard layout.
+
+    Layouts: ``MI`` and ``synthetic``: ``data_dir/MNER-MI_{split}.txt``, images ``data_dir/images``;
+    ``UNI``: ``data_dir/MNER-UNI_{split}.txt``, images ``data_dir/images`` and ``data_dir/twitter2017_images``;
+    ``twitter2015`` / ``twitter2017``: ``data_dir/{train,valid,test}.txt`` (``"val"`` -> ``valid.txt``),
+    images ``data_dir/images``.
+
+    Args:
+        data_dir: the dataset folder.
+        dataset: one of ``DATASETS``.
+        split: ``"train"``, ``"val"`` (``"valid"`` accepted) or ``"test"``.
+        image_dir: overrides the default image folder.
+        twitter2017_image_dir: overrides the default TWITTER-2017 image folder (UNI only).
+        labeled: see the readers.
+        stats: counters for dropped extra images (JSON-lines layouts).
+
+    Returns:
+        The posts of the split.
+
+    Raises:
+        ValueError: unknown dataset or split.
+        FileNotFoundError: the split file is missing (names the path and the files expected).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    split = "val" if split == "valid" else split
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    data_dir = Path(data_dir)
+    img_dir = Path(image_dir) if image_dir is not None else data_dir / "images"
+    if dataset in ("twitter2015", "twitter2017"):
+        names = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
+    else:
+        stem = "MNER-UNI" if dataset == "UNI" else "MNER-MI"
+        names = {s: f"{stem}_{s}.txt" for s in SPLITS}
+    path = data_dir / names[split]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: dataset {dataset!r} expects {', '.join(names.values())} in {data_dir}"
+        )
+    if dataset in ("twitter2015", "twitter2017"):
+        return read_conll(path, img_dir, labeled=labeled)
+    t17 = None
+    if dataset == "UNI":
+        t17 = Path(twitter2017_image_dir) if twitter2017_image_dir is not None else data_dir / "twitter2017_images"
+    return read_mner_jsonl(path, img_dir, t17, labeled=labeled, stats=stats)

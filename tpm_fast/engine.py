@@ -1,0 +1,122 @@
+"""Training and evaluation pieces used by ``train.py``: loaders, optimizer, evaluation, logs, model export."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from tpm_fast.data.dataset import MNERDataset
+from tpm_fast.data.images import ImageStats
+from tpm_fast.metrics import entity_scores, word_tags
+
+ENCODER_PREFIXES = ("bert.", "images.vit.")
+
+
+def make_loader(
+    dataset: MNERDataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 0,
+) -> DataLoader:
+    """A DataLoader with dynamic padding; training loaders shard the data over ranks with a seeded shuffle."""
+    sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=dataset.collate_fn,
+        persistent_workers=workers > 0,
+    )
+
+
+def to_device(batch: dict, device: torch.device, image_dtype: torch.dtype = torch.float32) -> dict:
+    """Move a collated batch to ``device``; images are cast to ``image_dtype`` (the model's compute dtype)."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    out["pixel_values"] = out["pixel_values"].to(image_dtype)
+    return out
+
+
+def optimizer_and_schedule(
+    model: nn.Module, lr: float, head_lr: float, weight_decay: float, total_steps: int, warmup_ratio: float
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with two learning rates (encoders: BERT and ViT; heads: prefix MLP, temporal Transformer, emissions,
+    CRF) and no decay on biases and norms; linear warm-up over ``warmup_ratio`` of the steps, then linear decay.
+    """
+    groups: dict[tuple[float, float], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        rate = lr if name.startswith(ENCODER_PREFIXES) else head_lr
+        decay = 0.0 if param.ndim < 2 else weight_decay  # biases and norm scales are the 1-D parameters
+        groups.setdefault((rate, decay), []).append(param)
+    params = [{"params": p, "lr": r, "weight_decay": d} for (r, d), p in groups.items()]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    warmup = math.ceil(total_steps * warmup_ratio)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+@torch.no_grad()
+def predict_tags(
+    model: nn.Module,
+    loader: DataLoader,
+    posts: list,
+    device: torch.device,
+    image_dtype=torch.float32,
+    stats: ImageStats | None = None,
+    desc: str = "eval",
+    progress: bool = True,
+) -> list[list[str]]:
+    """Viterbi-decode ``loader`` (not shuffled, in the order of ``posts``): one tag string per word of each post.
+
+    The image events of the batches (repaired, missing, ...) are added to ``stats`` when given.
+    """
+    was_training = model.training
+    model.eval()
+    pred = []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        tags, _ = model.decode(to_device(batch, device, image_dtype))
+        if stats is not None:
+            stats.merge(ImageStats(**batch["image_events"]))
+        n_words = [len(posts[i].words) for i in batch["index"].tolist()]
+        pred += word_tags(tags.cpu(), batch["first_piece"], n_words, model.config.labels)
+    model.train(was_training)
+    return pred
+
+
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    posts: list,
+    device: torch.device,
+    image_dtype=torch.float32,
+    stats: ImageStats | None = None,
+    desc: str = "eval",
+    progress: bool = True,
+) -> dict:
+    """Decode and score entities on first pieces: :func:`tpm_fast.metrics.entity_scores` of the whole set."""
+    pred = predict_tags(model, loader, posts, device, image_dtype, stats, desc, progress)
+    return entity_scores([p.labels for p in posts], pred)
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one JSON record as a line (the per-epoch metrics log)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def format_scores(scores: dict) -> str:
+    """One line: micro P/R/F1 and the F1 of each entity type."""
+    types = " ".join(f"{k}={v['f1-score'] * 100:.1f}" for k, v in sorted(scores["per_type"].items()))
+    return f"P={scores['precision'] * 100:.2f} R={scores['recall'] * 100:.2f} F1={scores['f1'] * 100:.2f} | {types}"

@@ -1,0 +1,96 @@
+"""Images of a post -> per-layer prefix keys/values (TPM-MI, paper section 4, DESIGN section 2 steps 1-4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import ViTModel
+
+IMAGE_PADDINGS = ("zero_feature", "zero_pixel")
+IMAGE_FEATURES = ("cls", "pooler")
+
+
+class ImagePrefix(nn.Module):
+    """ViT per present image, temporal embedding, Transformer across a post's images, MLP to prefixes.
+
+    Args:
+        vit: an HF ``ViTModel`` (with a pooler when ``image_feature="pooler"``).
+        num_layers, num_heads, head_dim: the prompted BERT's L, H and d_h.
+        slots: m, the image slots per post (4 in MNER-MI).
+        prefix_hidden: width of the prefix MLP (1024 in the authors' code).
+        temporal_layers, temporal_heads, temporal_ffn: the Transformer encoder across images.
+        image_padding: ``"zero_feature"`` (paper: empty slots hold a zero representation) or ``"zero_pixel"``
+            (authors' code: empty slots hold ViT's output for an all-zero image, computed once per batch).
+        image_feature: ``"cls"`` (paper: last-layer [CLS] activation) or ``"pooler"`` (authors' code).
+        dropout: dropout on the prefix vectors.
+    """
+
+    def __init__(
+        self,
+        vit: ViTModel,
+        num_layers: int,
+        num_heads: int,
+        head_dim: int,
+        slots: int = 4,
+        prefix_hidden: int = 1024,
+        temporal_layers: int = 1,
+        temporal_heads: int = 8,
+        temporal_ffn: int = 2048,
+        image_padding: str = "zero_feature",
+        image_feature: str = "cls",
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if image_padding not in IMAGE_PADDINGS:
+            raise ValueError(f"image_padding must be one of {IMAGE_PADDINGS}, got {image_padding!r}")
+        if image_feature not in IMAGE_FEATURES:
+            raise ValueError(f"image_feature must be one of {IMAGE_FEATURES}, got {image_feature!r}")
+        if image_feature == "pooler" and vit.pooler is None:
+            raise ValueError("image_feature='pooler' needs a ViTModel built with add_pooling_layer=True")
+        self.vit = vit
+        self.slots, self.num_layers, self.num_heads, self.head_dim = slots, num_layers, num_heads, head_dim
+        self.image_padding, self.image_feature = image_padding, image_feature
+        d_v = vit.config.hidden_size
+        self.temporal = nn.Parameter(torch.zeros(slots, d_v))  # T: learnable temporal position embedding
+        nn.init.normal_(self.temporal, std=0.02)
+        layer = nn.TransformerEncoderLayer(d_v, temporal_heads, temporal_ffn, dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, temporal_layers, enable_nested_tensor=False)
+        d_t = num_heads * head_dim
+        self.project = nn.Sequential(
+            nn.Linear(d_v, prefix_hidden), nn.Tanh(), nn.Linear(prefix_hidden, num_layers * 2 * d_t)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def features(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, S, S) float images -> (N, d_v) ViT features ([CLS] activation or pooler output)."""
+        out = self.vit(pixel_values=pixel_values)
+        return out.pooler_output if self.image_feature == "pooler" else out.last_hidden_state[:, 0]
+
+    def forward(self, pixel_values: Tensor, image_post: Tensor, image_slot: Tensor, image_mask: Tensor) -> list:
+        """Build the prefix of every BERT layer.
+
+        Args:
+            pixel_values: (N, 3, S, S) float, only the present images of the batch (N may be 0).
+            image_post: (N,) long, post index of each image.
+            image_slot: (N,) long, slot (0..m-1) of each image.
+            image_mask: (B, m) bool presence map; False slots are filled per ``image_padding``.
+
+        Returns:
+            L pairs (k_p, v_p), each (B, H, m, d_h).
+        """
+        batch = image_mask.shape[0]
+        d_v = self.temporal.shape[1]
+        dtype = self.temporal.dtype
+        slots = torch.zeros(batch, self.slots, d_v, device=image_mask.device, dtype=dtype)  # shape: (B, m, d_v)
+        if pixel_values.shape[0] > 0:
+            slots = slots.index_put((image_post, image_slot), self.features(pixel_values).to(dtype))
+        if self.image_padding == "zero_pixel" and not bool(image_mask.all()):
+            size = self.vit.config.image_size
+            zero = torch.zeros(1, 3, size, size, device=image_mask.device, dtype=dtype)
+            filler = self.features(zero).to(dtype)  # shape: (1, d_v), once per batch
+            slots = torch.where(image_mask[..., None], slots, filler[None])
+        u = self.encoder(slots + self.temporal)  # shape: (B, m, d_v), attention across the images of each post
+        p = self.dropout(self.project(u))  # shape: (B, m, L * 2 * d_t)
+        p = p.view(batch, self.slots, self.num_layers, 2, self.num_heads, self.head_dim)
+        p = p.permute(2, 3, 0, 4, 1, 5)  # shape: (L, 2, B, H, m, d_h)
+        return [(p[i, 0], p[i, 1]) for i in range(self.num_layers)]

@@ -1,0 +1,178 @@
+"""TPM-MI: prompted BERT + multi-image prefixes + CRF (paper section 4; DESIGN section 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+from tpm_fast.data.dataset import IMAGE_MODES
+from tpm_fast.data.labels import LABELS
+from tpm_fast.layers.crf import CRF
+from tpm_fast.layers.image_prefix import IMAGE_FEATURES, IMAGE_PADDINGS, ImagePrefix
+from tpm_fast.layers.prompted_bert import prompted_bert
+
+# Small configs for the embedded default corpus and the tests (trained from scratch in minutes on a CPU).
+TINY_BERT = dict(
+    hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, max_position_embeddings=160
+)
+TINY_VIT = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    image_size=224,
+    patch_size=32,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+
+
+@dataclass
+class TPMConfig:
+    """Everything needed to rebuild a TPM-MI model (saved in every exported checkpoint).
+
+    ``bert`` / ``vit`` are HF config dicts; :func:`build_model` fills them from ``bert_model`` / ``vit_model`` (local
+    folders or names in the local HF cache; nothing is downloaded) or from the tiny configs above.
+    """
+
+    labels: tuple[str, ...] = LABELS
+    image_mode: str = "multi"
+    image_padding: str = "zero_feature"
+    image_feature: str = "cls"
+    slots: int = 4
+    prefix_hidden: int = 1024
+    temporal_layers: int = 1
+    temporal_heads: int = 8
+    temporal_ffn: int = 2048
+    dropout: float = 0.1
+    shift_positions: bool = True
+    bert: dict = field(default_factory=dict)
+    vit: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.labels = tuple(self.labels)
+        for name, value, allowed in (
+            ("image_mode", self.image_mode, IMAGE_MODES),
+            ("image_padding", self.image_padding, IMAGE_PADDINGS),
+            ("image_feature", self.image_feature, IMAGE_FEATURES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+class TPMMI(nn.Module):
+    """The TPM-MI tagger. ``forward`` returns the mean negative CRF log-likelihood; ``decode`` the Viterbi tags.
+
+    Batches are the dicts of :func:`tpm_fast.data.dataset.collate`: ``input_ids`` (B, n) long, ``attention_mask``
+    (B, n) bool, ``labels`` (B, n) long, ``pixel_values`` (N, 3, S, S) float (present images only),
+    ``image_post`` / ``image_slot`` (N,) long and ``image_mask`` (B, m) bool.
+    """
+
+    def __init__(self, config: TPMConfig, bert: BertModel | None = None, vit: ViTModel | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = bert if bert is not None else BertModel(BertConfig(**config.bert), add_pooling_layer=False)
+        self.images = None
+        if config.image_mode != "text":
+            if vit is None:
+                vit = ViTModel(ViTConfig(**config.vit), add_pooling_layer=config.image_feature == "pooler")
+            bc = self.bert.config
+            self.images = ImagePrefix(
+                vit,
+                bc.num_hidden_layers,
+                bc.num_attention_heads,
+                bc.hidden_size // bc.num_attention_heads,
+                config.slots,
+                config.prefix_hidden,
+                config.temporal_layers,
+                config.temporal_heads,
+                config.temporal_ffn,
+                config.image_padding,
+                config.image_feature,
+                config.dropout,
+            )
+        self.dropout = nn.Dropout(config.dropout)
+        self.emissions = nn.Linear(self.bert.config.hidden_size, len(config.labels))
+        self.crf = CRF(len(config.labels), batch_first=True)
+
+    def emission_scores(self, batch: dict) -> Tensor:
+        """(B, n, num_tags) emission scores of a collated batch."""
+        prefix = None
+        if self.images is not None:
+            prefix = self.images(batch["pixel_values"], batch["image_post"], batch["image_slot"], batch["image_mask"])
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        hidden = prompted_bert(self.bert, ids, mask, prefix, self.config.shift_positions)  # shape: (B, n, d_t)
+        return self.emissions(self.dropout(hidden))  # shape: (B, n, num_tags)
+
+    def forward(self, batch: dict) -> Tensor:
+        """Mean over the batch of the negative CRF log-likelihood (a scalar), as in the authors' code."""
+        emissions = self.emission_scores(batch)
+        return -self.crf(emissions.float(), batch["labels"], batch["attention_mask"], reduction="mean")
+
+    @torch.no_grad()
+    def decode(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """Viterbi tags: (B, n) long padded with 0, and (B,) lengths."""
+        emissions = self.emission_scores(batch)
+        return self.crf.decode(emissions.float(), batch["attention_mask"], as_tensor=True)
+
+
+def _pretrained(cls, name: str, **kwargs):
+    try:
+        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"cannot load {cls.__name__} {name!r} offline: give a local folder with config.json and weights "
+            f"(nothing is downloaded at run time). {err}"
+        ) from err
+
+
+def build_model(config: TPMConfig, vocab_size: int, bert_model: str | None = None, vit_model: str | None = None):
+    """Build TPM-MI with pretrained BERT / ViT weights from local paths, or the tiny configs when None.
+
+    Args:
+        config: model options; its ``bert`` / ``vit`` dicts are filled in here (for the exported checkpoint).
+        vocab_size: tokenizer size, used by the tiny BERT.
+        bert_model, vit_model: local model folders (or names already in the local HF cache).
+
+    Returns:
+        A :class:`TPMMI`.
+    """
+    bert = vit = None
+    if bert_model:
+        bert = _pretrained(BertModel, bert_model, add_pooling_layer=False)
+        config.bert = bert.config.to_dict()
+    elif not config.bert:
+        config.bert = dict(TINY_BERT, vocab_size=vocab_size)
+    if config.image_mode != "text":
+        if vit_model:
+            vit = _pretrained(ViTModel, vit_model, add_pooling_layer=config.image_feature == "pooler")
+            config.vit = vit.config.to_dict()
+        elif not config.vit:
+            config.vit = dict(TINY_VIT)
+    return TPMMI(config, bert, vit)
+
+
+def save_model(model: TPMMI, path: str | Path, extra: dict | None = None) -> None:
+    """Write ``{"config", "state_dict", **extra}`` to ``path`` atomically (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"config": dataclasses.asdict(model.config), "state_dict": state, **(extra or {})}, tmp)
+    tmp.replace(path)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[TPMMI, dict]:
+    """Rebuild a model saved by :func:`save_model` (no pretrained folders needed).
+
+    Returns:
+        (model in eval mode, the whole saved dict).
+    """
+    blob = torch.load(path, map_location=map_location, weights_only=False)
+    model = TPMMI(TPMConfig(**blob["config"]))
+    model.load_state_dict(blob["state_dict"])
+    return model.to(map_location).eval(), blob

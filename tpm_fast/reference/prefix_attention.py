@@ -1,0 +1,93 @@
+"""Pure-PyTorch prefix-K/V attention (P-tuning-v2 / HVPNeT style), the correctness reference for the fast kernels.
+
+softmax(q [k_p; k]^T * scale + mask) [v_p; v] with the m prefix slots always visible and padded tokens hidden,
+computed without concatenating K/V in memory: the two score blocks share one softmax (common max and
+denominator). Scores, softmax and the products run in fp32 (fp64 when q is fp64); the output has q's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["prefix_attention"]
+
+
+def _dropout(probs: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
+    keep = torch.empty_like(probs).bernoulli_(1.0 - p, generator=generator)  # shape: like probs, 1 = kept
+    return probs * keep / (1.0 - p)
+
+
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_p: Tensor,
+    v_p: Tensor,
+    key_padding_mask: Tensor | None = None,
+    lengths: Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Attention of n queries over m prefix slots plus n_k tokens.
+
+    Args:
+        q: (B, H, n, d) queries; k, v: (B, H, n_k, d) token keys / values (n_k = n for self-attention);
+            k_p, v_p: (B, H, m, d) prefix keys / values, m >= 0, all always visible.
+        key_padding_mask: (B, n_k) bool, True = real token (visible); or ``lengths``: (B,) long, tokens [0, len)
+            visible. At most one of the two; neither = every token visible.
+        dropout_p: attention-probability dropout in [0, 1) (inverted scaling), drawn from ``generator``
+            (prefix block first, then token block).
+        scale: score scale, default 1 / sqrt(d).
+
+    Returns:
+        (B, H, n, d) in q's dtype. A query whose tokens are all padded attends to the prefix only; with m = 0 and
+        no visible key its output is 0 (never NaN).
+    """
+    if q.dim() != 4 or k.shape != v.shape or k_p.shape != v_p.shape or k.dim() != 4 or k_p.dim() != 4:
+        raise ValueError(
+            f"expected q (B,H,n,d), k/v (B,H,n_k,d), k_p/v_p (B,H,m,d); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}, k_p {tuple(k_p.shape)}, v_p {tuple(v_p.shape)}"
+        )
+    b, h, _, d = q.shape
+    n_k = k.shape[2]
+    if k.shape[:2] != (b, h) or k_p.shape[:2] != (b, h) or k.shape[3] != d or k_p.shape[3] != d:
+        raise ValueError(
+            f"batch/head/head-dim mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, k_p {tuple(k_p.shape)}"
+        )
+    if key_padding_mask is not None and lengths is not None:
+        raise ValueError("pass key_padding_mask or lengths, not both")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if lengths is not None:
+        if lengths.shape != (b,):
+            raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")
+        key_padding_mask = torch.arange(n_k, device=q.device) < lengths.unsqueeze(1)  # shape: (B, n_k)
+    if key_padding_mask is not None and (key_padding_mask.shape != (b, n_k) or key_padding_mask.dtype != torch.bool):
+        raise ValueError(
+            f"key_padding_mask must be bool of shape ({b}, {n_k}), got {key_padding_mask.dtype} "
+            f"{tuple(key_padding_mask.shape)}"
+        )
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(dtype) * scale  # shape: (B, H, n, d)
+    s_p = qf @ k_p.to(dtype).transpose(2, 3)  # shape: (B, H, n, m)
+    s_t = qf @ k.to(dtype).transpose(2, 3)  # shape: (B, H, n, n_k)
+    if key_padding_mask is not None:
+        s_t = s_t.masked_fill(~key_padding_mask.view(b, 1, 1, n_k), float("-inf"))
+    with torch.no_grad():  # the shift cancels exactly in the softmax
+        maxes = [s.amax(3, keepdim=True) for s in (s_p, s_t) if s.shape[3]]  # shape: (B, H, n, 1) each
+        top = torch.maximum(*maxes) if len(maxes) == 2 else maxes[0] if maxes else s_t.sum(3, keepdim=True)
+        top = top.masked_fill(top == float("-inf"), 0.0)  # shape: (B, H, n, 1), finite
+    e_p = (s_p - top).exp()  # shape: (B, H, n, m)
+    e_t = (s_t - top).exp()  # shape: (B, H, n, n_k)
+    # >= 1 whenever some key is visible (the max term is exp(0)); clamping keeps empty rows at 0 instead of NaN
+    denom = (e_p.sum(3, keepdim=True) + e_t.sum(3, keepdim=True)).clamp_min(1.0)  # shape: (B, H, n, 1)
+    a_p, a_t = e_p / denom, e_t / denom
+    if dropout_p > 0.0:
+        a_p, a_t = _dropout(a_p, dropout_p, generator), _dropout(a_t, dropout_p, generator)
+    out = a_p @ v_p.to(dtype) + a_t @ v.to(dtype)  # shape: (B, H, n, d)
+    return out.to(q.dtype)

