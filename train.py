@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--image-dir", help="image folder (default DATA/images)")
     g.add_argument("--twitter2017-image-dir", help="TWITTER-2017 images of MNER-UNI (default DATA/twitter2017_images)")
+    g.add_argument("--limit", type=int, help="use only the first N posts of each split (quick trials)")
     g.add_argument("--max-seq-length", type=int, default=128, help="word pieces per post, with [CLS] and [SEP]")
     g = p.add_argument_group("model")
     g.add_argument("--bert-model", help="local BERT folder (e.g. bert-base-uncased); default: tiny BERT from scratch")
@@ -82,8 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint OUTPUT/best_model.pt")
-    for name in ("epochs", "batch_size", "eval_batch_size", "max_seq_length"):
-        if getattr(args, name) < 1:
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_seq_length", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
@@ -134,6 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     stats = ImageStats()
     loader_args = dict(image_dir=args.image_dir, twitter2017_image_dir=args.twitter2017_image_dir)
     posts = {s: load_split(data_dir, dataset, s, stats=stats, **loader_args) for s in ("train", "val", "test")}
+    if args.limit:
+        posts = {s: p[: args.limit] for s, p in posts.items()}
+    image_dir = Path(args.image_dir) if args.image_dir else data_dir / "images"
+    if args.image_mode != "text" and not image_dir.is_dir():
+        say(f"warning: image folder {image_dir} does not exist: every image slot stays empty "
+            "(give --image-dir, or --image-mode text)")  # fmt: skip
     tokenizer = load_tokenizer(args, data_dir)
     spec = ImageSpec.from_pretrained(args.vit_model) if args.vit_model else ImageSpec()
     say(f"data {data_dir} ({dataset}): " + ", ".join(f"{s} {len(p)} posts" for s, p in posts.items()))
@@ -260,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         append_jsonl(out / "metrics.jsonl", {"final": result})
         (out / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True))
         say(f"best epoch {state['best_epoch']} (dev F1 {state['best_f1'] * 100:.2f}); test {format_scores(test)}")
+        say(stats.summary())
         say(f"exported {out / 'best_model.pt'}; metrics in {out / 'metrics.jsonl'}")
     deepspeed.comm.barrier()
     deepspeed.comm.destroy_process_group()

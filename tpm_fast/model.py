@@ -172,7 +172,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     Returns:
         (model in eval mode, the whole saved dict).
     """
-    blob = torch.load(path, map_location=map_location, weights_only=False)
+    blob = torch.load(path, map_location=map_location, weights_only=True)
     model = TPMMI(TPMConfig(**blob["config"]))
     model.load_state_dict(blob["state_dict"])
     return model.to(map_location).eval(), blob
