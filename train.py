@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         posts = {s: p[: args.limit] for s, p in posts.items()}
     image_dir = Path(args.image_dir) if args.image_dir else data_dir / "images"
     if args.image_mode != "text" and not image_dir.is_dir():
-        say(f"warning: image folder {image_dir} does not exist: every image slot stays empty "
-            "(give --image-dir, or --image-mode text)")  # fmt: skip
+        say(f"warning: image folder {image_dir} does not exist: every image slot stays empty (see --image-dir)")
     tokenizer = load_tokenizer(args, data_dir)
     spec = ImageSpec.from_pretrained(args.vit_model) if args.vit_model else ImageSpec()
     say(f"data {data_dir} ({dataset}): " + ", ".join(f"{s} {len(p)} posts" for s, p in posts.items()))
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         model.to(device)
         for split in ("val", "test"):
             loader = eval_loader(split, model.config.image_mode)
-            scores = evaluate(model, loader, posts[split], device, stats=stats, progress=progress)
+            scores = evaluate(model, loader, device, stats=stats, progress=progress)
             say(f"{split}: {format_scores(scores)}")
         say(stats.summary())
         deepspeed.comm.destroy_process_group()
@@ -216,7 +215,9 @@ def main(argv: list[str] | None = None) -> None:
             seen += batch["input_ids"].shape[0] * world
             bar.set_postfix(loss=f"{loss.item():.3f}", posts_per_s=f"{seen / (time.perf_counter() - start):.1f}")
         train_time = time.perf_counter() - start
-        dev = evaluate(engine.module, dev_loader, posts["val"], device, image_dtype, stats, "dev", progress)
+        dev = evaluate(
+            engine.module, dev_loader, device, image_dtype=image_dtype, stats=stats, desc="dev", progress=progress
+        )
         better = dev["f1"] > state["best_f1"]
         if better:
             state.update(best_f1=dev["f1"], best_epoch=epoch)
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         model, _ = load_model(out / "best_model.pt")
         model.to(device)
         loader = eval_loader("test", args.image_mode)
-        test = evaluate(model, loader, posts["test"], device, stats=stats, desc="test", progress=progress)
+        test = evaluate(model, loader, device, stats=stats, desc="test", progress=progress)
         result = {
             "best_epoch": state["best_epoch"],
             "dev_f1": state["best_f1"],

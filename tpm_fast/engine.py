@@ -71,20 +71,19 @@ def optimizer_and_schedule(
 def predict_tags(
     model: nn.Module,
     loader: DataLoader,
-    posts: list,
     device: torch.device,
-    image_dtype=torch.float32,
+    image_dtype: torch.dtype = torch.float32,
     stats: ImageStats | None = None,
     desc: str = "eval",
     progress: bool = True,
 ) -> list[list[str]]:
-    """Viterbi-decode ``loader`` (not shuffled, in the order of ``posts``): one tag string per word of each post.
+    """Viterbi-decode an unshuffled loader of an :class:`MNERDataset`: one tag string per word of each post.
 
     The image events of the batches (repaired, missing, ...) are added to ``stats`` when given.
     """
     was_training = model.training
     model.eval()
-    pred = []
+    posts, pred = loader.dataset.posts, []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
         tags, _ = model.decode(to_device(batch, device, image_dtype))
         if stats is not None:
@@ -95,19 +94,14 @@ def predict_tags(
     return pred
 
 
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    posts: list,
-    device: torch.device,
-    image_dtype=torch.float32,
-    stats: ImageStats | None = None,
-    desc: str = "eval",
-    progress: bool = True,
-) -> dict:
-    """Decode and score entities on first pieces: :func:`tpm_fast.metrics.entity_scores` of the whole set."""
-    pred = predict_tags(model, loader, posts, device, image_dtype, stats, desc, progress)
-    return entity_scores([p.labels for p in posts], pred)
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, **kwargs) -> dict:
+    """Decode (:func:`predict_tags`, same keyword arguments) and score entities on first pieces.
+
+    Returns:
+        :func:`tpm_fast.metrics.entity_scores` of the whole set.
+    """
+    pred = predict_tags(model, loader, device, **kwargs)
+    return entity_scores([p.labels for p in loader.dataset.posts], pred)
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     image_loader = ImageLoader(ImageSpec(**blob["image_spec"]))
     dataset = MNERDataset(posts, tokenizer, blob["max_seq_length"], image_loader, model.config.image_mode)
     loader = make_loader(dataset, args.batch_size, shuffle=False)
-    tags = predict_tags(model, loader, posts, torch.device(args.device), stats=stats, desc="predict")
+    tags = predict_tags(model, loader, torch.device(args.device), stats=stats, desc="predict")
     lines = [
         json.dumps({"id": post.id, "text": post.words, "entities": entities(post.words, t)}, ensure_ascii=False) + "\n"
         for post, t in zip(posts, tags)
