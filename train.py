@@ -145,7 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     say(f"data {data_dir} ({dataset}): " + ", ".join(f"{s} {len(p)} posts" for s, p in posts.items()))
 
     def data(split: str, image_mode: str) -> MNERDataset:
-        return MNERDataset(posts[split], tokenizer, args.max_seq_length, ImageLoader(spec), image_mode)
+        dataset = MNERDataset(posts[split], tokenizer, args.max_seq_length, ImageLoader(spec), image_mode)
+        if dataset.truncated:
+            say(f"warning: {dataset.truncated} {split} posts longer than --max-seq-length {args.max_seq_length} "
+                "word pieces: their last words are cut off (scored as O)")  # fmt: skip
+        return dataset
 
     def eval_loader(split: str, image_mode: str):
         return make_loader(data(split, image_mode), args.eval_batch_size, False)

@@ -181,3 +181,11 @@ def test_default_loader_and_bad_mode():
     assert ds[0]["images"] == [] and ds[0]["slots"] == [] and ds[0]["index"] == 0
     with pytest.raises(ValueError, match="unknown image_mode 'all'"):
         MNERDataset([post], tok, image_mode="all")
+
+
+@pytest.mark.parametrize("max_seq_length,truncated", [(4, 2), (6, 1), (7, 0)])
+def test_truncated_posts_are_counted(max_seq_length, truncated):
+    words = [["obama", "visits", "paris"], ["new", "york", "!", "obama", "visits"], ["paris"]]  # 4, 6, 1 pieces
+    posts = [Post(id=str(i), words=w, labels=["O"] * len(w), images=[], source=f"f:{i}") for i, w in enumerate(words)]
+    ds = MNERDataset(posts, _tokenizer(), max_seq_length=max_seq_length, image_mode="text")
+    assert ds.truncated == truncated

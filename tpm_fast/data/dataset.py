@@ -48,6 +48,11 @@ class MNERDataset(Dataset):
         self.encoded = [encode_words(p.words, p.labels, tokenizer, max_seq_length) for p in self.posts]
 
     @property
+    def truncated(self) -> int:
+        """Posts with words cut off by ``max_seq_length`` (those words are scored as "O")."""
+        return sum(e["n_words_kept"] < e["n_words"] for e in self.encoded)
+
+    @property
     def image_size(self) -> int:
         return self.image_loader.spec.size if self.image_loader is not None else 224
 

@@ -1,8 +1,8 @@
 """Pure-PyTorch prefix-K/V attention (P-tuning-v2 / HVPNeT style), the correctness reference for the fast kernels.
 
 softmax(q [k_p; k]^T * scale + mask) [v_p; v] with the m prefix slots always visible and padded tokens hidden,
-computed without concatenating K/V in memory: the two score blocks share one softmax (common max and
-denominator). Scores, softmax and the products run in fp32 (fp64 when q is fp64); the output has q's dtype.
+computed without concatenating K/V in memory: one softmax runs over the joined score blocks. Scores, softmax
+and the products run in fp32 (fp64 when q is fp64); the output has q's dtype.
 """
 
 from __future__ import annotations
@@ -13,11 +13,6 @@ import torch
 from torch import Tensor
 
 __all__ = ["prefix_attention"]
-
-
-def _dropout(probs: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
-    keep = torch.empty_like(probs).bernoulli_(1.0 - p, generator=generator)  # shape: like probs, 1 = kept
-    return probs * keep / (1.0 - p)
 
 
 def prefix_attention(
@@ -40,7 +35,7 @@ def prefix_attention(
         key_padding_mask: (B, n_k) bool, True = real token (visible); or ``lengths``: (B,) long, tokens [0, len)
             visible. At most one of the two; neither = every token visible.
         dropout_p: attention-probability dropout in [0, 1) (inverted scaling), drawn from ``generator``
-            (prefix block first, then token block).
+            (one draw over the joined (n, m + n_k) probability block, prefix columns first).
         scale: score scale, default 1 / sqrt(d).
 
     Returns:
@@ -73,21 +68,19 @@ def prefix_attention(
         )
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     dtype = torch.promote_types(q.dtype, torch.float32)
+    m = k_p.shape[2]
     qf = q.to(dtype) * scale  # shape: (B, H, n, d)
     s_p = qf @ k_p.to(dtype).transpose(2, 3)  # shape: (B, H, n, m)
     s_t = qf @ k.to(dtype).transpose(2, 3)  # shape: (B, H, n, n_k)
     if key_padding_mask is not None:
         s_t = s_t.masked_fill(~key_padding_mask.view(b, 1, 1, n_k), float("-inf"))
-    with torch.no_grad():  # the shift cancels exactly in the softmax
-        maxes = [s.amax(3, keepdim=True) for s in (s_p, s_t) if s.shape[3]]  # shape: (B, H, n, 1) each
-        top = torch.maximum(*maxes) if len(maxes) == 2 else maxes[0] if maxes else s_t.sum(3, keepdim=True)
-        top = top.masked_fill(top == float("-inf"), 0.0)  # shape: (B, H, n, 1), finite
-    e_p = (s_p - top).exp()  # shape: (B, H, n, m)
-    e_t = (s_t - top).exp()  # shape: (B, H, n, n_k)
-    # >= 1 whenever some key is visible (the max term is exp(0)); clamping keeps empty rows at 0 instead of NaN
-    denom = (e_p.sum(3, keepdim=True) + e_t.sum(3, keepdim=True)).clamp_min(1.0)  # shape: (B, H, n, 1)
-    a_p, a_t = e_p / denom, e_t / denom
+    # one softmax over both score blocks (the scores are joined, never K/V)
+    probs = torch.cat([s_p, s_t], dim=3).softmax(dim=3)  # shape: (B, H, n, m + n_k)
+    if m == 0 and key_padding_mask is not None:
+        probs = probs.nan_to_num(0.0)  # a row with no visible key at all: output 0, not NaN
     if dropout_p > 0.0:
-        a_p, a_t = _dropout(a_p, dropout_p, generator), _dropout(a_t, dropout_p, generator)
+        keep = torch.empty_like(probs).bernoulli_(1.0 - dropout_p, generator=generator)  # shape: like probs
+        probs = probs * keep / (1.0 - dropout_p)
+    a_p, a_t = probs.split([m, n_k], dim=3)  # shapes: (B, H, n, m), (B, H, n, n_k)
     out = a_p @ v_p.to(dtype) + a_t @ v.to(dtype)  # shape: (B, H, n, d)
     return out.to(q.dtype)
