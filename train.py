@@ -13,7 +13,6 @@ scored on the test set.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
@@ -25,15 +24,26 @@ from pathlib import Path
 import deepspeed
 import numpy as np
 import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoTokenizer, BertTokenizer
 
 from tpm_fast.data.dataset import MNERDataset
-from tpm_fast.data.images import ImageLoader, ImageSpec, ImageStats
+from tpm_fast.data.images import MAX_IMAGES, ImageLoader, ImageSpec, ImageStats
 from tpm_fast.data.readers import load_split
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
-from tpm_fast.engine import append_jsonl, evaluate, format_scores, make_loader, optimizer_and_schedule, to_device
-from tpm_fast.model import IMAGE_MODES, TPMConfig, build_model, load_model, save_model
+from tpm_fast.engine import (
+    append_jsonl,
+    evaluate,
+    export_model,
+    format_scores,
+    load_exported,
+    make_loader,
+    optimizer_and_schedule,
+    to_device,
+)
+from tpm_fast.model import IMAGE_MODES, TPMConfig, build_model
 
 ROOT = Path(__file__).resolve().parent
 
@@ -137,29 +147,31 @@ def main(argv: list[str] | None = None) -> None:
     posts = {s: load_split(data_dir, dataset, s, stats=stats, **loader_args) for s in ("train", "val", "test")}
     if args.limit:
         posts = {s: p[: args.limit] for s, p in posts.items()}
-    image_dir = Path(args.image_dir) if args.image_dir else data_dir / "images"
-    if args.image_mode != "text" and not image_dir.is_dir():
-        say(f"warning: image folder {image_dir} does not exist: every image slot stays empty (see --image-dir)")
-    tokenizer = load_tokenizer(args, data_dir)
-    spec = ImageSpec.from_pretrained(args.vit_model) if args.vit_model else ImageSpec()
+    for split, p in posts.items():
+        if not p:
+            raise SystemExit(f"the {split} split of {data_dir} ({dataset}) has no posts")
     say(f"data {data_dir} ({dataset}): " + ", ".join(f"{s} {len(p)} posts" for s, p in posts.items()))
+    if args.eval_only:  # tokenizer, image spec, length and image mode are those the model was trained with
+        model, tokenizer, spec, max_len = load_exported(args.checkpoint, device)
+        image_mode = model.config.image_mode
+    else:
+        tokenizer = load_tokenizer(args, data_dir)
+        spec = ImageSpec.from_pretrained(args.vit_model) if args.vit_model else ImageSpec()
+        max_len, image_mode = args.max_seq_length, args.image_mode
+    image_dir = Path(args.image_dir) if args.image_dir else data_dir / "images"
+    if image_mode != "text" and not image_dir.is_dir():
+        say(f"warning: image folder {image_dir} does not exist: every image slot stays empty (see --image-dir)")
 
-    def data(split: str, image_mode: str) -> MNERDataset:
-        dataset = MNERDataset(posts[split], tokenizer, args.max_seq_length, ImageLoader(spec), image_mode)
-        if dataset.truncated:
-            say(f"warning: {dataset.truncated} {split} posts longer than --max-seq-length {args.max_seq_length} "
-                "word pieces: their last words are cut off (scored as O)")  # fmt: skip
-        return dataset
-
-    def eval_loader(split: str, image_mode: str):
-        return make_loader(data(split, image_mode), args.eval_batch_size, False, workers=args.workers)
+    def loader(split: str, batch_size: int, shuffle: bool = False) -> DataLoader:
+        data = MNERDataset(posts[split], tokenizer, max_len, ImageLoader(spec), image_mode)
+        if data.truncated:
+            say(f"warning: {data.truncated} {split} posts longer than {max_len} word pieces: their last words are "
+                "cut off (scored as O)")  # fmt: skip
+        return make_loader(data, batch_size, shuffle, args.seed, rank, world, args.workers)
 
     if args.eval_only:
-        model, _ = load_model(args.checkpoint)
-        model.to(device)
         for split in ("val", "test"):
-            loader = eval_loader(split, model.config.image_mode)
-            scores = evaluate(model, loader, device, stats=stats, progress=progress)
+            scores = evaluate(model, loader(split, args.eval_batch_size), device, stats=stats, progress=progress)
             say(f"{split}: {format_scores(scores)}")
         say(stats.summary())
         deepspeed.comm.destroy_process_group()
@@ -176,10 +188,13 @@ def main(argv: list[str] | None = None) -> None:
         shift_positions=not args.no_shift_positions,
     )
     model = build_model(config, len(tokenizer), args.bert_model, args.vit_model)
-    train_loader = make_loader(
-        data("train", args.image_mode), args.batch_size, True, args.seed, rank, world, args.workers
-    )
-    dev_loader = eval_loader("val", args.image_mode)
+    shift = MAX_IMAGES if image_mode != "text" and config.shift_positions else 0
+    positions = model.bert.config.max_position_embeddings - shift
+    if max_len > positions:
+        raise SystemExit(f"--max-seq-length {max_len} does not fit BERT's position embeddings: at most {positions}")
+    n_params = sum(p.numel() for p in model.parameters())
+    train_loader = loader("train", args.batch_size, shuffle=True)
+    dev_loader = loader("val", args.eval_batch_size)
     lr = args.lr or (5e-5 if pretrained else 1e-3)
     total_steps = args.epochs * len(train_loader)
     optimizer, schedule = optimizer_and_schedule(
@@ -191,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     image_dtype = torch.bfloat16 if args.bf16 else torch.float32
     say(
-        f"TPM-MI ({args.image_mode}): {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"TPM-MI ({image_mode}): {n_params / 1e6:.1f}M parameters, "
         f"ZeRO-{args.zero_stage}, {'bf16' if args.bf16 else 'fp32'}, {world} rank(s) on {device.type}"
     )
 
@@ -225,14 +240,13 @@ def main(argv: list[str] | None = None) -> None:
         better = dev["f1"] > state["best_f1"]
         if better:
             state.update(best_f1=dev["f1"], best_epoch=epoch)
-            params = list(engine.module.parameters())
-            with deepspeed.zero.GatheredParameters(params, enabled=args.zero_stage == 3):
-                if rank == 0:
-                    extra = dict(max_seq_length=args.max_seq_length, image_spec=dataclasses.asdict(spec), epoch=epoch)
-                    save_model(engine.module, out / "best_model.pt", extra)
-                    tokenizer.save_pretrained(out / "tokenizer")
         state["epoch"] = epoch
-        engine.save_checkpoint(str(ckpt_dir), tag=f"epoch{epoch}", client_state=dict(state))
+        tag = f"epoch{epoch}"
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(state))
+        deepspeed.comm.barrier()  # every rank's part of the checkpoint is on disk
+        if better and rank == 0:  # export the fp32 master weights (the module may be bf16 or ZeRO-3 partitioned)
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+            export_model(engine.module, weights, tokenizer, spec, max_len, out / "best_model.pt", epoch=epoch)
         record = {
             "epoch": epoch,
             "step": state["step"],
@@ -255,10 +269,10 @@ def main(argv: list[str] | None = None) -> None:
         say(stats.summary())
 
     if rank == 0:
-        model, _ = load_model(out / "best_model.pt")
-        model.to(device)
-        loader = eval_loader("test", args.image_mode)
-        test = evaluate(model, loader, device, stats=stats, desc="test", progress=progress)
+        model, *_ = load_exported(out / "best_model.pt", device)
+        test = evaluate(
+            model, loader("test", args.eval_batch_size), device, stats=stats, desc="test", progress=progress
+        )
         result = {
             "best_epoch": state["best_epoch"],
             "dev_f1": state["best_f1"],

@@ -73,17 +73,27 @@ def test_forward_backward_decode(image_mode, image_padding, image_feature):
 
 
 @pytest.mark.parametrize("image_padding,extra", [("zero_feature", 0), ("zero_pixel", 1)])
-def test_vit_runs_on_present_images_only(image_padding, extra):
+def test_vit_runs_once_on_present_images_only(image_padding, extra):
+    """ViT sees the present images, plus one zero image per batch under zero_pixel (not one per empty slot), in
+    exactly one call per forward, also for a batch without images (same collectives on every ZeRO rank)."""
     model = TPMMI(make_config(image_padding=image_padding))
-    seen = []
+    calls = []
     model.images.vit.register_forward_hook(
-        lambda mod, args, kwargs, out: seen.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+        lambda mod, args, kwargs, out: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
     )
     model(make_batch(MASK))
-    assert sum(seen) == int(MASK.sum()) + extra  # zero_pixel: the zero image once per batch, not once per empty slot
-    seen.clear()
+    assert calls == [int(MASK.sum()) + extra]
+    calls.clear()
     model(make_batch(torch.ones(2, 4, dtype=torch.bool)))
-    assert sum(seen) == 8  # no empty slot: no zero image at all
+    assert calls == [8 + extra]
+    calls.clear()
+    loss = model(make_batch(torch.zeros(3, 4, dtype=torch.bool)))
+    assert calls == [1]  # no image in the batch: one zero image keeps ViT in the graph
+    loss.backward()
+    grads = [p.grad for p in model.images.vit.parameters()]
+    assert all(g is not None for g in grads)  # every rank reduces the same gradients
+    if image_padding == "zero_feature":
+        assert all(float(g.abs().sum()) == 0.0 for g in grads)  # the zero feature does not depend on ViT
 
 
 def test_empty_slots_zero_feature_and_no_images():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,11 +11,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from tpm_fast.data.dataset import MNERDataset
-from tpm_fast.data.images import ImageStats
+from tpm_fast.data.images import ImageSpec, ImageStats
 from tpm_fast.metrics import entity_scores, word_tags
+from tpm_fast.model import TPMMI, load_model, save_model
 
 ENCODER_PREFIXES = ("bert.", "images.vit.")
 
@@ -102,6 +104,27 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, **kwarg
     """
     pred = predict_tags(model, loader, device, **kwargs)
     return entity_scores([p.labels for p in loader.dataset.posts], pred)
+
+
+def export_model(
+    model: TPMMI, state_dict: dict, tokenizer, spec: ImageSpec, max_seq_length: int, path: Path, **extra
+) -> None:
+    """Write an exported model: ``path`` (config, fp32 weights, image spec, max length) and ``tokenizer/`` beside it.
+
+    Everything inference needs is in the two, none of the pretrained folders the model was trained from.
+    """
+    image_spec = dataclasses.asdict(spec)
+    save_model(model, path, dict(extra, max_seq_length=max_seq_length, image_spec=image_spec), state_dict)
+    tokenizer.save_pretrained(path.parent / "tokenizer")
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[TPMMI, object, ImageSpec, int]:
+    """Load what :func:`export_model` wrote: (model in eval mode, tokenizer, image spec, max word pieces)."""
+    path = Path(path)
+    model, blob = load_model(path, device)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent / "tokenizer", local_files_only=True)
+    spec = ImageSpec(**blob.get("image_spec", {}))
+    return model, tokenizer, spec, blob.get("max_seq_length", 128)
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

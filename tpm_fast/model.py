@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
 from tpm_fast.data.dataset import IMAGE_MODES
+from tpm_fast.data.images import MAX_IMAGES
 from tpm_fast.data.labels import LABELS
 from tpm_fast.layers.crf import CRF
 from tpm_fast.layers.image_prefix import IMAGE_FEATURES, IMAGE_PADDINGS, ImagePrefix
@@ -44,7 +45,6 @@ class TPMConfig:
     image_mode: str = "multi"
     image_padding: str = "zero_feature"
     image_feature: str = "cls"
-    slots: int = 4
     prefix_hidden: int = 1024
     temporal_layers: int = 1
     temporal_heads: int = 8
@@ -84,17 +84,17 @@ class TPMMI(nn.Module):
             bc = self.bert.config
             self.images = ImagePrefix(
                 vit,
-                bc.num_hidden_layers,
-                bc.num_attention_heads,
-                bc.hidden_size // bc.num_attention_heads,
-                config.slots,
-                config.prefix_hidden,
-                config.temporal_layers,
-                config.temporal_heads,
-                config.temporal_ffn,
-                config.image_padding,
-                config.image_feature,
-                config.dropout,
+                num_layers=bc.num_hidden_layers,
+                num_heads=bc.num_attention_heads,
+                head_dim=bc.hidden_size // bc.num_attention_heads,
+                slots=MAX_IMAGES,
+                prefix_hidden=config.prefix_hidden,
+                temporal_layers=config.temporal_layers,
+                temporal_heads=config.temporal_heads,
+                temporal_ffn=config.temporal_ffn,
+                image_padding=config.image_padding,
+                image_feature=config.image_feature,
+                dropout=config.dropout,
             )
         self.dropout = nn.Dropout(config.dropout)
         self.emissions = nn.Linear(self.bert.config.hidden_size, len(config.labels))
@@ -157,12 +157,20 @@ def build_model(config: TPMConfig, vocab_size: int, bert_model: str | None = Non
     return TPMMI(config, bert, vit)
 
 
-def save_model(model: TPMMI, path: str | Path, extra: dict | None = None) -> None:
-    """Write ``{"config", "state_dict", **extra}`` to ``path`` atomically (temporary name, then rename)."""
+def save_model(model: TPMMI, path: str | Path, extra: dict | None = None, state_dict: dict | None = None) -> None:
+    """Write ``{"config", "state_dict", **extra}`` to ``path`` atomically (temporary name, then rename).
+
+    Args:
+        model: the model (its config is saved).
+        path: the file to write.
+        extra: more entries (plain Python values) to store beside.
+        state_dict: the weights to save instead of ``model.state_dict()`` (e.g. the fp32 master weights of a
+            DeepSpeed checkpoint when the module itself is bf16 or ZeRO-3 partitioned).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"config": dataclasses.asdict(model.config), "state_dict": state, **(extra or {})}, tmp)
+    weights = {k: v.detach().cpu() for k, v in (state_dict or model.state_dict()).items()}
+    torch.save({"config": dataclasses.asdict(model.config), "state_dict": weights, **(extra or {})}, tmp)
     tmp.replace(path)
 
 

@@ -1,8 +1,8 @@
 """``tpm-predict``: tag the posts of a JSON-lines file with an exported TPM-MI model.
 
 Input lines are MNER-MI posts without labels: ``{"id": ..., "text": [words], "images": ["a.jpg", ...]}`` (a
-``"label"`` field, if present, is ignored). Output lines: ``{"id", "text", "entities": [{"type", "start", "end",
-"text"}]}`` with word spans ``[start, end)``.
+``"label"`` field, if present, is ignored). Output lines: ``{"id" (a string), "text", "entities": [{"type",
+"start", "end", "text"}]}`` with word spans ``[start, end)``.
 
     tpm-predict --checkpoint runs/default/best_model.pt --input posts.jsonl --image-dir images/ --output out.jsonl
 """
@@ -15,14 +15,12 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from tpm_fast.data.dataset import MNERDataset
-from tpm_fast.data.images import ImageLoader, ImageSpec, ImageStats
+from tpm_fast.data.images import ImageLoader, ImageStats
 from tpm_fast.data.readers import read_mner_jsonl
-from tpm_fast.engine import make_loader, predict_tags
+from tpm_fast.engine import load_exported, make_loader, predict_tags
 from tpm_fast.metrics import entities
-from tpm_fast.model import load_model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,20 +29,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--input", required=True, help="posts, JSON lines")
     p.add_argument("--output", default="-", help="entities, JSON lines (default: standard output)")
     p.add_argument("--image-dir", help="folder the image names are relative to (default: the input's folder)")
+    p.add_argument("--twitter2017-image-dir", help="folder of 'twitter2017-*' image names (MNER-UNI posts)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
-    checkpoint = Path(args.checkpoint)
-    model, blob = load_model(checkpoint, args.device)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint.parent / "tokenizer", local_files_only=True)
+    model, tokenizer, spec, max_seq_length = load_exported(args.checkpoint, args.device)
     image_dir = Path(args.image_dir) if args.image_dir else Path(args.input).parent
-    posts = read_mner_jsonl(args.input, image_dir, labeled=False)
-    stats = ImageStats()
-    image_loader = ImageLoader(ImageSpec(**blob["image_spec"]))
-    dataset = MNERDataset(posts, tokenizer, blob["max_seq_length"], image_loader, model.config.image_mode)
+    posts = read_mner_jsonl(args.input, image_dir, args.twitter2017_image_dir, labeled=False)
+    dataset = MNERDataset(posts, tokenizer, max_seq_length, ImageLoader(spec), model.config.image_mode)
     loader = make_loader(dataset, args.batch_size, shuffle=False)
+    stats = ImageStats()
     tags = predict_tags(model, loader, torch.device(args.device), stats=stats, desc="predict")
     lines = [
         json.dumps({"id": post.id, "text": post.words, "entities": entities(post.words, t)}, ensure_ascii=False) + "\n"

@@ -166,10 +166,11 @@ def repair_truncated_jpeg(data: bytes) -> bytes:
 class ImageLoader:
     """Load one image file into a normalized ``(3, size, size)`` float32 tensor, or None for an empty slot.
 
-    Matches HF ``ViTImageProcessor`` (RGB conversion compositing transparency onto white, BILINEAR resize to
-    size x size, rescale by 1/255, ``(x - mean) / std``). JPEGs at least 4x the output size in both sides are decoded
-    at a reduced DCT scale (``Image.draft``) that keeps at least 2x the output size, then resized: this is fast and
-    bounds memory for huge photos. Images beyond PIL's decompression-bomb limit count as undecodable.
+    Follows HF ``ViTImageProcessor`` (RGB conversion compositing transparency onto white, BILINEAR resize to
+    size x size, rescale by 1/255, ``(x - mean) / std``); equal up to float rounding, except that JPEGs at least 4x
+    the output size in both sides are decoded at a reduced DCT scale (``Image.draft``, keeping at least 2x the output
+    size) before the resize, which is fast and bounds memory for huge photos (mean difference under 0.02; turn it off
+    with ``draft=False``). Images beyond PIL's decompression-bomb limit count as undecodable.
 
     Args:
         spec: output geometry and normalization.

@@ -78,17 +78,22 @@ class ImagePrefix(nn.Module):
         Returns:
             L pairs (k_p, v_p), each (B, H, m, d_h).
         """
-        batch = image_mask.shape[0]
-        d_v = self.temporal.shape[1]
+        batch, n = image_mask.shape[0], pixel_values.shape[0]
         dtype = self.temporal.dtype
-        slots = torch.zeros(batch, self.slots, d_v, device=image_mask.device, dtype=dtype)  # shape: (B, m, d_v)
-        if pixel_values.shape[0] > 0:
-            slots = slots.index_put((image_post, image_slot), self.features(pixel_values).to(dtype))
-        if self.image_padding == "zero_pixel" and not bool(image_mask.all()):
+        # ViT runs exactly once per forward on every rank (ZeRO reduces the same gradients and gathers the same
+        # parameters everywhere), also when a batch has no image: a zero image joins the present ones when it is
+        # the padding (zero_pixel, once per batch, not once per empty slot) or when there is nothing else to run.
+        if self.image_padding == "zero_pixel" or n == 0:
             size = self.vit.config.image_size
-            zero = torch.zeros(1, 3, size, size, device=image_mask.device, dtype=dtype)
-            filler = self.features(zero).to(dtype)  # shape: (1, d_v), once per batch
-            slots = torch.where(image_mask[..., None], slots, filler[None])
+            zero = pixel_values.new_zeros(1, 3, size, size)
+            pixel_values = torch.cat([pixel_values, zero])  # shape: (N + 1, 3, S, S)
+        feats = self.features(pixel_values).to(dtype)  # shape: (N (+ 1), d_v)
+        slots = feats.new_zeros(batch, self.slots, feats.shape[1])  # shape: (B, m, d_v)
+        slots = slots.index_put((image_post, image_slot), feats[:n])
+        if self.image_padding == "zero_pixel":
+            slots = torch.where(image_mask[..., None], slots, feats[n])
+        elif n == 0:
+            slots = slots + 0.0 * feats.sum()  # keeps ViT in the graph: zero gradients, same on every rank
         u = self.encoder(slots + self.temporal)  # shape: (B, m, d_v), attention across the images of each post
         p = self.dropout(self.project(u))  # shape: (B, m, L * 2 * d_t)
         p = p.view(batch, self.slots, self.num_layers, 2, self.num_heads, self.head_dim)

@@ -45,6 +45,10 @@ def prompted_bert(
     batch, n = input_ids.shape
     m = prefix[0][0].shape[2]
     start = m if shift_positions else 0
+    if start + n > bert.config.max_position_embeddings:
+        raise ValueError(
+            f"{n} word pieces from position {start} exceed BERT's {bert.config.max_position_embeddings} positions"
+        )
     position_ids = torch.arange(start, start + n, device=input_ids.device).expand(batch, n)  # shape: (B, n)
     hidden = bert.embeddings(input_ids=input_ids, position_ids=position_ids)  # shape: (B, n, d_t)
     for layer, (k_p, v_p) in zip(layers, prefix):
