@@ -23,7 +23,6 @@ TYPE_ALIASES: dict[str, str] = {
 
 LABEL2ID: dict[str, int] = {label: i for i, label in enumerate(LABELS)}
 ID2LABEL: dict[int, str] = dict(enumerate(LABELS))
-NUM_LABELS: int = len(LABELS)
 
 X_LABEL: str = "X"
 X_ID: int = LABEL2ID[X_LABEL]
