@@ -30,7 +30,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, BertTokenizer
 
 from tpm_fast.data.dataset import MNERDataset
-from tpm_fast.data.images import MAX_IMAGES, ImageLoader, ImageSpec, ImageStats
+from tpm_fast.data.images import ImageLoader, ImageSpec, ImageStats
 from tpm_fast.data.readers import load_split
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
 from tpm_fast.engine import (
@@ -188,10 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         shift_positions=not args.no_shift_positions,
     )
     model = build_model(config, len(tokenizer), args.bert_model, args.vit_model)
-    shift = MAX_IMAGES if image_mode != "text" and config.shift_positions else 0
-    positions = model.bert.config.max_position_embeddings - shift
-    if max_len > positions:
-        raise SystemExit(f"--max-seq-length {max_len} does not fit BERT's position embeddings: at most {positions}")
+    if max_len > model.max_pieces:
+        raise SystemExit(f"--max-seq-length {max_len} does not fit BERT's positions: use at most {model.max_pieces}")
     n_params = sum(p.numel() for p in model.parameters())
     train_loader = loader("train", args.batch_size, shuffle=True)
     dev_loader = loader("val", args.eval_batch_size)

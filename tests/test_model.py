@@ -136,6 +136,16 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded.emission_scores(batch), model.emission_scores(batch))
 
 
+@pytest.mark.parametrize("image_mode,shift,expected", [("multi", True, 36), ("multi", False, 40), ("text", True, 40)])
+def test_max_pieces_leaves_room_for_shifted_positions(image_mode, shift, expected):
+    model = TPMMI(make_config(image_mode=image_mode, shift_positions=shift))
+    assert model.max_pieces == expected  # max_position_embeddings 40, minus m = 4 when positions start at m
+    if image_mode == "multi":
+        model(make_batch(MASK, n=expected))
+        with pytest.raises(ValueError, match="exceed BERT's 40 positions"):
+            model(make_batch(MASK, n=expected + 1))
+
+
 def test_bad_options_rejected():
     with pytest.raises(ValueError, match="image_mode"):
         TPMConfig(image_mode="all")

@@ -100,6 +100,12 @@ class TPMMI(nn.Module):
         self.emissions = nn.Linear(self.bert.config.hidden_size, len(config.labels))
         self.crf = CRF(len(config.labels), batch_first=True)
 
+    @property
+    def max_pieces(self) -> int:
+        """Longest post in word pieces that BERT's position embeddings fit (positions start at m with a prefix)."""
+        shift = MAX_IMAGES if self.images is not None and self.config.shift_positions else 0
+        return self.bert.config.max_position_embeddings - shift
+
     def emission_scores(self, batch: dict) -> Tensor:
         """(B, n, num_tags) emission scores of a collated batch."""
         prefix = None
