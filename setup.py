@@ -20,6 +20,7 @@ setup(
     package_dir={"tpm_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",  # the fused kernels
         "transformers>=5.0",
         "deepspeed>=0.16",
         "seqeval>=1.2",

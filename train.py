@@ -43,6 +43,7 @@ from tpm_fast.engine import (
     optimizer_and_schedule,
     to_device,
 )
+from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.model import IMAGE_MODES, TPMConfig, build_model
 
 ROOT = Path(__file__).resolve().parent
@@ -70,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--image-feature", default="cls", choices=["cls", "pooler"])
     g.add_argument("--prefix-hidden", type=int, help="prefix MLP width (default 1024; 256 for the tiny models)")
     g.add_argument("--no-shift-positions", action="store_true", help="token positions start at 0, not at m")
+    g.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "triton", "reference"],
+        help="attention and CRF kernels: auto = Triton on CUDA, the PyTorch reference on CPU",
+    )
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=15)
     g.add_argument("--batch-size", type=int, default=16, help="posts per rank and step")
@@ -82,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--zero-stage", type=int, default=1, choices=[1, 2, 3], help="uses configs/zero{N}.json")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (DeepSpeed bf16)")
     g.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (image decoding)")
+    g.add_argument("--train-f1", action="store_true", help="also decode every training batch for a train-set F1")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/default")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
@@ -153,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     say(f"data {data_dir} ({dataset}): " + ", ".join(f"{s} {len(p)} posts" for s, p in posts.items()))
     if args.eval_only:  # tokenizer, image spec, length and image mode are those the model was trained with
         model, tokenizer, spec, max_len = load_exported(args.checkpoint, device)
+        model.backend = args.backend
         image_mode = model.config.image_mode
     else:
         tokenizer = load_tokenizer(args, data_dir)
@@ -188,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         shift_positions=not args.no_shift_positions,
     )
     model = build_model(config, len(tokenizer), args.bert_model, args.vit_model)
+    model.backend = args.backend
     if max_len > model.max_pieces:
         raise SystemExit(f"--max-seq-length {max_len} does not fit BERT's positions: use at most {model.max_pieces}")
     n_params = sum(p.numel() for p in model.parameters())
@@ -220,10 +230,16 @@ def main(argv: list[str] | None = None) -> None:
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         train_loader.sampler.set_epoch(epoch)
         engine.train()
-        start, total_loss, seen = time.perf_counter(), 0.0, 0
+        start, total_loss, seen, train_gold, train_pred = time.perf_counter(), 0.0, 0, [], []
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", disable=not progress)
         for batch in bar:
-            loss = engine(to_device(batch, device, image_dtype))
+            if args.train_f1:  # the authors' habit: Viterbi on every training batch (costs a decode and a sync)
+                loss, tags = engine(to_device(batch, device, image_dtype), decode=True)
+                gold = [posts["train"][i].labels for i in batch["index"].tolist()]
+                train_pred += word_tags(tags.cpu(), batch["first_piece"], [len(g) for g in gold], config.labels)
+                train_gold += gold
+            else:
+                loss = engine(to_device(batch, device, image_dtype))
             engine.backward(loss)
             engine.step()
             stats.merge(ImageStats(**batch["image_events"]))
@@ -250,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
             "step": state["step"],
             "train_loss": total_loss / len(train_loader),
             "train_seconds": train_time,
+            **({"train_f1": entity_scores(train_gold, train_pred)["f1"]} if args.train_f1 else {}),
             "dev_precision": dev["precision"],
             "dev_recall": dev["recall"],
             "dev_f1": dev["f1"],
@@ -261,13 +278,16 @@ def main(argv: list[str] | None = None) -> None:
             for old in sorted(ckpt_dir.glob("epoch*"), key=lambda p: int(p.name[5:]))[: -args.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         say(
-            f"epoch {epoch}: loss {record['train_loss']:.4f} ({train_time:.0f} s) dev {format_scores(dev)}"
+            f"epoch {epoch}: loss {record['train_loss']:.4f} ({train_time:.0f} s)"
+            + (f" train F1 {record['train_f1'] * 100:.2f}" if args.train_f1 else "")
+            + f" dev {format_scores(dev)}"
             + (" *best*" if better else "")
         )
         say(stats.summary())
 
     if rank == 0:
         model, *_ = load_exported(out / "best_model.pt", device)
+        model.backend = args.backend
         test = evaluate(
             model, loader("test", args.eval_batch_size), device, stats=stats, desc="test", progress=progress
         )

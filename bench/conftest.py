@@ -74,9 +74,9 @@ def bench_device() -> torch.device:
 
 @pytest.fixture
 def bench(benchmark):
-    """``bench(fn, group=..., provider=..., dtype=..., shape=...)``: time ``fn`` with its metadata in extra_info."""
+    """``bench(fn, group=..., provider=..., dtype=..., shape=..., **extra)``: time ``fn``, metadata in extra_info."""
 
-    def run(fn, *, group: str, provider: str, dtype: torch.dtype, shape: dict):
+    def run(fn, *, group: str, provider: str, dtype: torch.dtype, shape: dict, **extra):
         benchmark.group = group
         benchmark.extra_info.update(
             device=device_name(),
@@ -86,6 +86,7 @@ def bench(benchmark):
             torch=torch.__version__,
             threads=torch.get_num_threads(),
             cuda=torch.version.cuda,
+            **extra,
         )
         return benchmark(synchronized(fn))
 

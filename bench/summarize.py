@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-BASELINES = {"test_crf": "pytorch-crf", "test_prefix_attention": "hf_eager"}
+BASELINES = {"test_crf": "pytorch-crf", "test_prefix_attention": "hf_eager", "test_encoder_step": "hf_sdpa_cache"}
 
 
 def tables(results: dict) -> str:

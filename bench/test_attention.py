@@ -1,18 +1,20 @@
-"""Prefix-K/V attention: HF eager (the authors' recipe), SDPA with a bool mask, and tpm_fast's reference.
+"""Prefix-K/V attention: HF eager (the authors' recipe), SDPA with a bool mask, varlen flash attention (if
+installed), tpm_fast's reference and our Triton kernel (CUDA only: the interpreter's times mean nothing).
 
-All take q, k, v (B, H, n, d), prefix k_p, v_p (B, H, m, d) and per-post lengths; eager and SDPA concatenate the
-prefix into K/V as HF BertModel with a prefix cache does.
+All take q, k, v (B, H, n, d), prefix k_p, v_p (B, H, m, d) and per-post lengths; eager, SDPA and flash concatenate
+the prefix into K/V as HF BertModel with a prefix cache does.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tpm_fast.reference.prefix_attention import prefix_attention
+from tpm_fast.ops.prefix_attention import prefix_attention
 
 H, D, M = 12, 64, 4
 SHAPES = [(8, 64), (8, 128), (32, 64), pytest.param(32, 128, marks=pytest.mark.big)]
@@ -35,15 +37,43 @@ def sdpa_mask(q, k, v, k_p, v_p, lengths):
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None])
 
 
+def flash_varlen(q, k, v, k_p, v_p, lengths):
+    """flash_attn_varlen_func on the real tokens only (queries unpadded, keys = prefix + real tokens), packing
+    included in the time."""
+    from flash_attn import flash_attn_varlen_func
+
+    b, _, n, _ = q.shape
+    m = k_p.shape[2]
+    visible = _mask(lengths, n)  # shape: (B, n)
+    kv_visible = torch.cat([torch.ones(b, m, dtype=torch.bool, device=q.device), visible], 1)  # shape: (B, m+n)
+    q_packed = q.transpose(1, 2)[visible]  # shape: (tokens, H, d)
+    k_packed = torch.cat([k_p, k], 2).transpose(1, 2)[kv_visible]  # shape: (m*B + tokens, H, d)
+    v_packed = torch.cat([v_p, v], 2).transpose(1, 2)[kv_visible]
+    cu_q = F.pad(lengths.cumsum(0), (1, 0)).int()
+    cu_k = F.pad((lengths + m).cumsum(0), (1, 0)).int()
+    return flash_attn_varlen_func(q_packed, k_packed, v_packed, cu_q, cu_k, n, n + m)
+
+
 def reference(q, k, v, k_p, v_p, lengths):
-    return prefix_attention(q, k, v, k_p, v_p, lengths=lengths)
+    return prefix_attention(q, k, v, k_p, v_p, lengths=lengths, backend="reference")
+
+
+def triton(q, k, v, k_p, v_p, lengths):
+    return prefix_attention(q, k, v, k_p, v_p, lengths=lengths, backend="triton")
 
 
 def _mask(lengths, n):
     return torch.arange(n, device=lengths.device) < lengths.unsqueeze(1)  # shape: (B, n)
 
 
-PROVIDERS = {"hf_eager": hf_eager, "sdpa_mask": sdpa_mask, "reference": reference}
+PROVIDERS = {
+    "hf_eager": hf_eager,
+    "sdpa_mask": sdpa_mask,
+    "flash_varlen": flash_varlen,
+    "reference": reference,
+    "triton": triton,
+}
+CUDA_ONLY = {"flash_varlen", "triton"}
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
@@ -51,8 +81,10 @@ PROVIDERS = {"hf_eager": hf_eager, "sdpa_mask": sdpa_mask, "reference": referenc
 @pytest.mark.parametrize("b,n", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefix_attention(bench, bench_device, dtype, b, n, mode, provider):
-    if dtype != torch.float32 and bench_device.type != "cuda":
-        pytest.skip("bf16 attention is only benchmarked on CUDA")
+    if bench_device.type != "cuda" and (dtype != torch.float32 or provider in CUDA_ONLY):
+        pytest.skip("bf16 attention and the GPU kernels are only benchmarked on CUDA")
+    if provider == "flash_varlen" and (importlib.util.find_spec("flash_attn") is None or dtype == torch.float32):
+        pytest.skip("flash_attn is not installed" if dtype != torch.float32 else "flash_attn has no fp32 kernels")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, H, n, D, generator=g).to(bench_device, dtype).requires_grad_(True) for _ in range(3))
     k_p, v_p = (torch.randn(b, H, M, D, generator=g).to(bench_device, dtype).requires_grad_(True) for _ in range(2))

@@ -1,4 +1,5 @@
-"""CRF: pytorch-crf (the authors' baseline) vs tpm_fast's CRF (reference ops): log-likelihood fwd, fwd+bwd, decode.
+"""CRF: pytorch-crf (the authors' baseline) vs tpm_fast's CRF on the PyTorch reference and on the Triton kernels
+(CUDA only: the interpreter's times mean nothing): log-likelihood forward, forward+backward, decode.
 
 pytorch-crf decodes to Python lists (one ``.item()`` per tag); tpm_fast decodes to a padded LongTensor.
 """
@@ -22,7 +23,10 @@ SHAPES = [
 
 def _setup(provider, b, n, device):
     g = torch.Generator().manual_seed(0)
-    crf = (torchcrf.CRF if provider == "pytorch-crf" else CRF)(NUM_TAGS, batch_first=True).to(device)
+    if provider == "pytorch-crf":
+        crf = torchcrf.CRF(NUM_TAGS, batch_first=True).to(device)
+    else:
+        crf = CRF(NUM_TAGS, batch_first=True, backend=provider).to(device)
     emissions = torch.randn(b, n, NUM_TAGS, generator=g).to(device).requires_grad_(True)
     tags = torch.randint(0, NUM_TAGS, (b, n), generator=g).to(device)
     lengths = torch.randint(n // 2, n + 1, (b,), generator=g)
@@ -31,10 +35,12 @@ def _setup(provider, b, n, device):
     return crf, emissions, tags, mask
 
 
-@pytest.mark.parametrize("provider", ["pytorch-crf", "reference"])
+@pytest.mark.parametrize("provider", ["pytorch-crf", "reference", "triton"])
 @pytest.mark.parametrize("mode", ["forward", "forward_backward", "decode"])
 @pytest.mark.parametrize("b,n", SHAPES)
 def test_crf(bench, bench_device, b, n, mode, provider):
+    if provider == "triton" and bench_device.type != "cuda":
+        pytest.skip("the Triton CRF is only benchmarked on CUDA")
     crf, emissions, tags, mask = _setup(provider, b, n, bench_device)
 
     def forward():

@@ -2,6 +2,8 @@
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU interpreter when there is no GPU
+# Triton kernels run on the CPU interpreter when there is no GPU (checked without touching CUDA: no device node).
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at test time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -127,3 +127,85 @@ def test_bad_inputs_raise_clear_errors(case, msg):
         mask = mask.float()
     with pytest.raises(ValueError, match=msg):
         crf(em, tags, mask, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["none", "token_mean"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_triton_backend_matches_pytorch_crf(batch_first, reduction):
+    ours, ref = _pair(6, batch_first, seed=21, dtype=torch.float32)
+    ours.backend = "triton"
+    em, tags, mask = _batch(5, 8, 6, batch_first, seed=22)
+    em_ours = em.float().requires_grad_(True)
+    em_ref = em.float().requires_grad_(True)
+    out = ours(em_ours, tags, mask, reduction=reduction)
+    expected = ref(em_ref, tags, mask, reduction=reduction)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(em_ours.grad, em_ref.grad, rtol=1e-5, atol=1e-5)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, getattr(ref, name).grad, rtol=1e-5, atol=1e-5)
+    assert ours.decode(em.float(), mask) == ref.decode(em.float(), mask)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_mask_checked_on_every_backend(backend):
+    crf = CRF(4, batch_first=True, backend=backend)
+    em, tags, mask = _batch(3, 5, 4, True, seed=1)
+    mask[1, 0] = False
+    with pytest.raises(ValueError, match="first timestep"):
+        crf(em.float(), tags, mask)
+    mask[1, 0], mask[0, 2] = True, False  # row 0 is full length: now a hole
+    with pytest.raises(ValueError, match="left-aligned"):
+        crf.decode(em.float(), mask, as_tensor=True)
+
+
+BIO = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "X"]
+
+
+def test_from_labels_bio_allowed_moves():
+    crf = CRF.from_labels(BIO, batch_first=True)
+    allowed = crf.allowed_transitions
+    for i, a in enumerate(BIO):
+        for j, b in enumerate(BIO):
+            expected = not b.startswith("I-") or a in (f"B-{b[2:]}", b)
+            assert bool(allowed[i, j]) == expected, (a, b)
+    assert crf.allowed_start.tolist() == [True, True, False, True, False, True]
+    assert "constrained" in repr(crf)
+    assert set(crf.state_dict()) == {"start_transitions", "end_transitions", "transitions"}  # torchcrf's keys
+    with pytest.raises(ValueError, match="tagging scheme"):
+        CRF.from_labels(BIO, scheme="BIOES")
+
+
+def _all_paths(t, n):
+    return torch.cartesian_prod(*[torch.arange(t)] * n).view(-1, n) if n > 1 else torch.arange(t).view(-1, 1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_from_labels_constrains_training_and_decoding(backend):
+    labels = BIO[:5]
+    crf = CRF.from_labels(labels, batch_first=True, backend=backend)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in crf.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    n = 4
+    em = torch.randn(2, n, 5, generator=g) * 3
+    em[:, :, 2] += 4  # make I-PER tempting everywhere, also at the start and after O
+    paths = _all_paths(5, n)  # shape: (5**n, n)
+    ok = crf.allowed_start[paths[:, 0]] & crf.allowed_transitions[paths[:, :-1], paths[:, 1:]].all(1)
+    valid = paths[ok]
+    for b in range(2):
+        s = crf.start_transitions[valid[:, 0]] + crf.end_transitions[valid[:, -1]]
+        s = s + em[b].gather(1, valid.t()).sum(0) + crf.transitions[valid[:, :-1], valid[:, 1:]].sum(1)
+        best = valid[s.argmax()]
+        assert crf.decode(em[b : b + 1])[0] == best.tolist()
+        gold = valid[len(valid) // 3].unsqueeze(0)
+        llh = crf(em[b : b + 1], gold, reduction="none")
+        expected = s[len(valid) // 3] - torch.logsumexp(s, 0)  # normalized over the allowed paths only
+        torch.testing.assert_close(llh[0], expected, rtol=1e-5, atol=1e-4)
+    loss = -crf(em, valid[:2], reduction="sum")
+    loss.backward()
+    assert (crf.transitions.grad[~crf.allowed_transitions] == 0).all()
+    assert (crf.start_transitions.grad[~crf.allowed_start] == 0).all()
+    assert crf.transitions.grad[crf.allowed_transitions].abs().sum() > 0

@@ -71,3 +71,24 @@ def test_prefix_layer_count_checked():
     prefix = [(torch.zeros(1, 2, 4, 4, dtype=torch.float64),) * 2]
     with pytest.raises(ValueError, match="prefix has 1 layers, BERT has 2"):
         prompted_bert(bert, torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool), prefix)
+
+
+@pytest.mark.parametrize("batch,n,m", [(3, 7, 4), (2, 1, 1)])
+def test_triton_backend_matches_hf_dynamic_cache(batch, n, m):
+    """The fused kernel in the prompted BERT (fp32; fp64 has no kernel) == HF + DynamicCache, outputs and grads."""
+    g = torch.Generator().manual_seed(7 + n)
+    bert = tiny_bert(2, 2, 16).float()
+    ids = torch.randint(0, 50, (batch, n), generator=g)
+    mask = torch.arange(n)[None] < torch.randint(1, n + 1, (batch,), generator=g)[:, None]  # shape: (B, n)
+    mask[0] = True
+    prefix = [tuple(torch.randn(batch, 2, m, 16, generator=g, requires_grad=True) for _ in range(2)) for _ in range(2)]
+    inputs = [*bert.parameters(), *[t for p in prefix for t in p]]
+    ours = prompted_bert(bert, ids, mask, prefix, backend="triton")
+    upstream = torch.randn(ours.shape, generator=g)
+    grads_ours = torch.autograd.grad((ours * upstream).sum(), inputs)
+    full_mask = torch.cat([torch.ones(batch, m, dtype=torch.long), mask.long()], 1)
+    hf = bert(input_ids=ids, attention_mask=full_mask, cache=DynamicCache(prefix)).last_hidden_state
+    grads_hf = torch.autograd.grad((hf * upstream).sum(), inputs)
+    torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_ours, grads_hf):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -114,6 +114,16 @@ def test_deepspeed_launcher_two_ranks_with_image_less_posts(corpus, tmp_path, st
     assert "2 rank(s)" in log and "test P=" in log
 
 
+def test_triton_backend_and_train_f1(corpus, tmp_path):
+    """The fused kernels (Triton interpreter here) drive training, dev and test decoding; --train-f1 decodes every
+    training batch and logs a train F1 per epoch."""
+    log = run("train.py", "--data-dir", str(corpus), "--output-dir", str(tmp_path), *SMALL, "--epochs", "1",
+              "--limit", "16", "--backend", "triton", "--train-f1")  # fmt: skip
+    assert "train F1" in log and "test P=" in log
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0.0 <= record["train_f1"] <= 1.0
+
+
 def test_bad_options_fail_early(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "--batch-size", "0"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "--batch-size must be at least 1" in proc.stderr

@@ -1,21 +1,27 @@
 """tpm-fast: a fast, trustworthy training core for TPM-MI multimodal named-entity recognition.
 
-Importing has no side effects (no CUDA calls, no downloads, no files written).
+Importing has no side effects (no CUDA calls, no downloads, no files written, nothing registered with
+transformers until :func:`apply_to_bert` or :func:`register_hf_attention` is called).
 """
 
-from tpm_fast.layers import CRF, ImagePrefix, prompted_bert
+from tpm_fast.layers import CRF, ImagePrefix, apply_to_bert, prompted_bert, register_hf_attention
 from tpm_fast.model import TPMMI, TPMConfig, build_model, load_model, save_model
-from tpm_fast.reference import prefix_attention
+from tpm_fast.ops.crf import crf_log_likelihood, crf_viterbi
+from tpm_fast.ops.prefix_attention import prefix_attention
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "CRF",
     "ImagePrefix",
     "TPMConfig",
     "TPMMI",
+    "apply_to_bert",
     "build_model",
+    "crf_log_likelihood",
+    "crf_viterbi",
     "load_model",
     "prefix_attention",
     "prompted_bert",
+    "register_hf_attention",
     "save_model",
 ]

@@ -16,6 +16,7 @@ from tpm_fast.data.labels import LABELS
 from tpm_fast.layers.crf import CRF
 from tpm_fast.layers.image_prefix import IMAGE_FEATURES, IMAGE_PADDINGS, ImagePrefix
 from tpm_fast.layers.prompted_bert import prompted_bert
+from tpm_fast.ops._backend import BACKENDS
 
 # Small configs for the embedded default corpus and the tests (trained from scratch in minutes on a CPU).
 TINY_BERT = dict(
@@ -71,9 +72,14 @@ class TPMMI(nn.Module):
     Batches are the dicts of :func:`tpm_fast.data.dataset.collate`: ``input_ids`` (B, n) long, ``attention_mask``
     (B, n) bool, ``labels`` (B, n) long, ``pixel_values`` (N, 3, S, S) float (present images only),
     ``image_post`` / ``image_slot`` (N,) long and ``image_mask`` (B, m) bool.
+
+    ``backend`` picks the attention and CRF kernels: ``"auto"`` (Triton on CUDA, the PyTorch reference elsewhere),
+    ``"triton"`` or ``"reference"``; it is a run-time choice, not part of the saved config.
     """
 
-    def __init__(self, config: TPMConfig, bert: BertModel | None = None, vit: ViTModel | None = None) -> None:
+    def __init__(
+        self, config: TPMConfig, bert: BertModel | None = None, vit: ViTModel | None = None, backend: str = "auto"
+    ) -> None:
         super().__init__()
         self.config = config
         self.bert = bert if bert is not None else BertModel(BertConfig(**config.bert), add_pooling_layer=False)
@@ -98,7 +104,17 @@ class TPMMI(nn.Module):
             )
         self.dropout = nn.Dropout(config.dropout)
         self.emissions = nn.Linear(self.bert.config.hidden_size, len(config.labels))
-        self.crf = CRF(len(config.labels), batch_first=True)
+        self.crf = CRF(len(config.labels), batch_first=True, backend=backend)
+
+    @property
+    def backend(self) -> str:
+        return self.crf.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self.crf.backend = value
 
     @property
     def max_pieces(self) -> int:
@@ -112,13 +128,21 @@ class TPMMI(nn.Module):
         if self.images is not None:
             prefix = self.images(batch["pixel_values"], batch["image_post"], batch["image_slot"], batch["image_mask"])
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        hidden = prompted_bert(self.bert, ids, mask, prefix, self.config.shift_positions)  # shape: (B, n, d_t)
+        hidden = prompted_bert(self.bert, ids, mask, prefix, self.config.shift_positions, self.backend)  # (B, n, d_t)
         return self.emissions(self.dropout(hidden))  # shape: (B, n, num_tags)
 
-    def forward(self, batch: dict) -> Tensor:
-        """Mean over the batch of the negative CRF log-likelihood (a scalar), as in the authors' code."""
-        emissions = self.emission_scores(batch)
-        return -self.crf(emissions.float(), batch["labels"], batch["attention_mask"], reduction="mean")
+    def forward(self, batch: dict, decode: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Mean over the batch of the negative CRF log-likelihood (a scalar), as in the authors' code.
+
+        With ``decode=True`` also the Viterbi tags (B, n) long of the same emissions (the authors decode every
+        training step for a train-set F1; here only when asked).
+        """
+        emissions = self.emission_scores(batch).float()  # shape: (B, n, T)
+        mask = batch["attention_mask"]  # collate's masks are left-aligned with [CLS] on: no host-side check
+        loss = -self.crf(emissions, batch["labels"], mask, reduction="mean", validate=False)
+        if not decode:
+            return loss
+        return loss, self.crf.decode(emissions.detach(), mask, as_tensor=True, validate=False)[0]
 
     @torch.no_grad()
     def decode(self, batch: dict) -> tuple[Tensor, Tensor]:
@@ -128,7 +152,7 @@ class TPMMI(nn.Module):
         below ZeRO-3's ``stage3_param_persistence_threshold`` (T^2 + 2T << 1e5 values) and are never partitioned.
         """
         emissions = self.emission_scores(batch)
-        return self.crf.decode(emissions.float(), batch["attention_mask"], as_tensor=True)
+        return self.crf.decode(emissions.float(), batch["attention_mask"], as_tensor=True, validate=False)
 
 
 def _pretrained(cls, name: str, **kwargs):

@@ -1,7 +1,9 @@
-"""nn layers: CRF (drop-in for torchcrf.CRF), prompted BERT, image prefix encoder."""
+"""nn layers: CRF (drop-in for torchcrf.CRF), prompted BERT, image prefix encoder, the HF attention adapter."""
 
 from tpm_fast.layers.crf import CRF
+from tpm_fast.layers.hf_attention import apply_to_bert
+from tpm_fast.layers.hf_attention import register as register_hf_attention
 from tpm_fast.layers.image_prefix import ImagePrefix
 from tpm_fast.layers.prompted_bert import prompted_bert
 
-__all__ = ["CRF", "ImagePrefix", "prompted_bert"]
+__all__ = ["CRF", "ImagePrefix", "apply_to_bert", "prompted_bert", "register_hf_attention"]

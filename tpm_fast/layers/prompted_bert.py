@@ -2,9 +2,10 @@
 
 The function walks the modules of an unmodified ``transformers.BertModel`` (so pretrained weights, ZeRO-3 parameter
 hooks and ``state_dict`` names stay those of HF) and replaces only the attention product with
-:func:`tpm_fast.reference.prefix_attention.prefix_attention`, which reads the prefix and the token K/V from their
-own tensors. It equals ``BertModel(..., cache=DynamicCache(prefix))`` with a ``(B, m + n)`` all-ones-then-padding
-mask (``tests/test_prompted_bert.py``).
+:func:`tpm_fast.ops.prefix_attention.prefix_attention` (the fused Triton kernel on CUDA, the PyTorch reference
+elsewhere), which reads the prefix and the token K/V from their own tensors. It equals
+``BertModel(..., cache=DynamicCache(prefix))`` with a ``(B, m + n)`` all-ones-then-padding mask
+(``tests/test_prompted_bert.py``, for both backends).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 from transformers import BertModel
 
-from tpm_fast.reference.prefix_attention import prefix_attention
+from tpm_fast.ops.prefix_attention import prefix_attention
 
 
 def prompted_bert(
@@ -22,6 +23,7 @@ def prompted_bert(
     attention_mask: Tensor,
     prefix: list[tuple[Tensor, Tensor]] | None,
     shift_positions: bool = True,
+    backend: str = "auto",
 ) -> Tensor:
     """Run ``bert``'s encoder over word pieces with an optional prefix in every layer.
 
@@ -32,6 +34,8 @@ def prompted_bert(
         prefix: one ``(k_p, v_p)`` pair per layer, each (B, H, m, d_h), or None for plain BERT (text-only mode).
         shift_positions: start token position ids at m, as transformers does with a prefix cache (the authors'
             checkpoints were trained so); False starts them at 0.
+        backend: attention backend, ``"auto"`` (Triton on CUDA, the reference elsewhere), ``"triton"`` or
+            ``"reference"``.
 
     Returns:
         (B, n, d_t) last hidden states, in the dtype of the embeddings.
@@ -56,8 +60,8 @@ def prompted_bert(
         heads_shape = (batch, n, attn.num_attention_heads, attn.attention_head_size)
         q, k, v = (proj(hidden).view(heads_shape).transpose(1, 2) for proj in (attn.query, attn.key, attn.value))
         dropout_p = attn.dropout.p if attn.training else 0.0
-        context = prefix_attention(q, k, v, k_p, v_p, key_padding_mask=mask, dropout_p=dropout_p)  # (B, H, n, d_h)
-        context = context.transpose(1, 2).reshape(hidden.shape)  # shape: (B, n, d_t)
+        context = prefix_attention(q, k, v, k_p, v_p, key_padding_mask=mask, dropout_p=dropout_p, backend=backend)
+        context = context.transpose(1, 2).reshape(hidden.shape)  # shape: (B, H, n, d_h) -> (B, n, d_t)
         hidden = layer.attention.output(context, hidden)  # dense + dropout + residual LayerNorm
         hidden = layer.output(layer.intermediate(hidden), hidden)  # FFN + residual LayerNorm
     return hidden

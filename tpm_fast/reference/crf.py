@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["crf_log_likelihood", "crf_log_partition", "crf_viterbi", "crf_gold_score"]
+__all__ = ["check_inputs", "check_shapes", "crf_log_likelihood", "crf_log_partition", "crf_viterbi", "crf_gold_score"]
 
 # Largest column span of the transitions (and span of `end`) for which the scaled exp-space recursion keeps every
 # term that matters above the underflow threshold with a wide margin (fp32 underflows near exp(-87), fp64 exp(-708)).
@@ -35,8 +35,14 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def _check(emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor, tags=None) -> Tensor:
-    """Validate inputs (one host sync); return the mask as bool."""
+def check_shapes(
+    emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor, tags: Tensor | None = None
+) -> None:
+    """Validate shapes and dtypes (no host sync).
+
+    Raises:
+        ValueError: naming the first problem.
+    """
     if emissions.dim() != 3 or not emissions.is_floating_point():
         raise ValueError(f"emissions must be a 3-d float tensor (B, n, T), got {emissions.dim()}-d {emissions.dtype}")
     b, n, t = emissions.shape
@@ -47,25 +53,40 @@ def _check(emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, transiti
             f"expected start/end of shape ({t},) and transitions ({t}, {t}) for {t} tags, got "
             f"{tuple(start.shape)}, {tuple(end.shape)}, {tuple(transitions.shape)}"
         )
+    for p in (start, end, transitions):
+        if not p.is_floating_point():
+            raise ValueError(f"start, end and transitions must be float tensors, got {p.dtype}")
     if mask.shape != (b, n):
         raise ValueError(f"mask must have shape {(b, n)} (emissions' first two dims), got {tuple(mask.shape)}")
     if mask.dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"mask must be bool (or uint8), got {mask.dtype}")
-    mask = mask.bool()
-    checks = [mask[:, 0].all(), ~(mask[:, 1:] & ~mask[:, :-1]).any()]
     if tags is not None:
         if tags.shape != (b, n):
             raise ValueError(f"tags must have shape {(b, n)} (emissions' first two dims), got {tuple(tags.shape)}")
         if tags.dtype != torch.long:
             raise ValueError(f"tags must be torch.long, got {tags.dtype}")
-        checks.append(((tags >= 0) & (tags < t) | ~mask).all())
+
+
+def check_inputs(
+    emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor, tags: Tensor | None = None
+) -> Tensor:
+    """`check_shapes`, then the mask and tag contents (one host sync); return the mask as bool.
+
+    Raises:
+        ValueError: naming the first problem (shape, dtype, first timestep off, mask not left-aligned, tag range).
+    """
+    check_shapes(emissions, mask, start, end, transitions, tags)
+    mask = mask.bool()
+    checks = [mask[:, 0].all(), ~(mask[:, 1:] & ~mask[:, :-1]).any()]
+    if tags is not None:
+        checks.append(((tags >= 0) & (tags < emissions.shape[2]) | ~mask).all())
     ok = torch.stack(checks).tolist()
     if not ok[0]:
         raise ValueError("mask of the first timestep must all be on")
     if not ok[1]:
         raise ValueError("mask must be left-aligned (each row: True then False)")
     if tags is not None and not ok[2]:
-        raise ValueError(f"tags under the mask must lie in [0, {t})")
+        raise ValueError(f"tags under the mask must lie in [0, {emissions.shape[2]})")
     return mask
 
 
@@ -160,7 +181,7 @@ def crf_log_partition(
     Returns:
         (B,) fp32 (fp64 if any input is fp64) log Z, differentiable w.r.t. emissions and the three parameters.
     """
-    mask = _check(emissions, mask, start, end, transitions)
+    mask = check_inputs(emissions, mask, start, end, transitions)
     return _log_partition(emissions, mask, start, end, transitions, method)
 
 
@@ -200,7 +221,7 @@ def crf_log_likelihood(
     Returns:
         (B,) fp32 (fp64 if any input is fp64) gold path score minus log partition.
     """
-    mask = _check(emissions, mask, start, end, transitions, tags=tags)
+    mask = check_inputs(emissions, mask, start, end, transitions, tags=tags)
     gold = crf_gold_score(emissions, tags, mask, start, end, transitions)
     return gold - _log_partition(emissions, mask, start, end, transitions, method)
 
@@ -217,7 +238,7 @@ def crf_viterbi(emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, tra
         tags: (B, n) long, best path on real tokens, 0 on padding; lengths: (B,) long. The backtrace is vectorized
         (gather per step, no per-sequence loop, no host sync beyond input validation).
     """
-    mask = _check(emissions, mask, start, end, transitions)
+    mask = check_inputs(emissions, mask, start, end, transitions)
     dtype = _compute_dtype(emissions, start, end, transitions)
     em, start, end, trans = (x.to(dtype) for x in (emissions, start, end, transitions))
     b, n, t = em.shape

@@ -12,7 +12,46 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["prefix_attention"]
+__all__ = ["check_inputs", "prefix_attention"]
+
+
+def check_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_p: Tensor,
+    v_p: Tensor,
+    key_padding_mask: Tensor | None,
+    lengths: Tensor | None,
+    dropout_p: float,
+) -> None:
+    """Validate shapes, dtypes, mask / lengths and dropout_p (no host sync).
+
+    Raises:
+        ValueError: naming the first problem.
+    """
+    if q.dim() != 4 or k.shape != v.shape or k_p.shape != v_p.shape or k.dim() != 4 or k_p.dim() != 4:
+        raise ValueError(
+            f"expected q (B,H,n,d), k/v (B,H,n_k,d), k_p/v_p (B,H,m,d); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}, k_p {tuple(k_p.shape)}, v_p {tuple(v_p.shape)}"
+        )
+    b, h, _, d = q.shape
+    n_k = k.shape[2]
+    if k.shape[:2] != (b, h) or k_p.shape[:2] != (b, h) or k.shape[3] != d or k_p.shape[3] != d:
+        raise ValueError(
+            f"batch/head/head-dim mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, k_p {tuple(k_p.shape)}"
+        )
+    if key_padding_mask is not None and lengths is not None:
+        raise ValueError("pass key_padding_mask or lengths, not both")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if lengths is not None and lengths.shape != (b,):
+        raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")
+    if key_padding_mask is not None and (key_padding_mask.shape != (b, n_k) or key_padding_mask.dtype != torch.bool):
+        raise ValueError(
+            f"key_padding_mask must be bool of shape ({b}, {n_k}), got {key_padding_mask.dtype} "
+            f"{tuple(key_padding_mask.shape)}"
+        )
 
 
 def prefix_attention(
@@ -42,30 +81,11 @@ def prefix_attention(
         (B, H, n, d) in q's dtype. A query whose tokens are all padded attends to the prefix only; with m = 0 and
         no visible key its output is 0 (never NaN).
     """
-    if q.dim() != 4 or k.shape != v.shape or k_p.shape != v_p.shape or k.dim() != 4 or k_p.dim() != 4:
-        raise ValueError(
-            f"expected q (B,H,n,d), k/v (B,H,n_k,d), k_p/v_p (B,H,m,d); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
-            f"v {tuple(v.shape)}, k_p {tuple(k_p.shape)}, v_p {tuple(v_p.shape)}"
-        )
+    check_inputs(q, k, v, k_p, v_p, key_padding_mask, lengths, dropout_p)
     b, h, _, d = q.shape
     n_k = k.shape[2]
-    if k.shape[:2] != (b, h) or k_p.shape[:2] != (b, h) or k.shape[3] != d or k_p.shape[3] != d:
-        raise ValueError(
-            f"batch/head/head-dim mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, k_p {tuple(k_p.shape)}"
-        )
-    if key_padding_mask is not None and lengths is not None:
-        raise ValueError("pass key_padding_mask or lengths, not both")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if lengths is not None:
-        if lengths.shape != (b,):
-            raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")
         key_padding_mask = torch.arange(n_k, device=q.device) < lengths.unsqueeze(1)  # shape: (B, n_k)
-    if key_padding_mask is not None and (key_padding_mask.shape != (b, n_k) or key_padding_mask.dtype != torch.bool):
-        raise ValueError(
-            f"key_padding_mask must be bool of shape ({b}, {n_k}), got {key_padding_mask.dtype} "
-            f"{tuple(key_padding_mask.shape)}"
-        )
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     dtype = torch.promote_types(q.dtype, torch.float32)
     m = k_p.shape[2]

@@ -1,0 +1,343 @@
+"""tpm_fast.ops.crf (Triton kernels, run by the CPU interpreter here) against brute force, pytorch-crf and the
+reference. GPU-only cases skip without CUDA."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torchcrf
+
+from tpm_fast.ops import crf as ops
+from tpm_fast.reference import crf as ref
+
+# log(0) on padded / forbidden tags is expected inside the kernels (numpy warns under the interpreter)
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def _inputs(b, n, t, seed, dtype=torch.float32, scale=1.0, trans_scale=1.0, lengths=None, device=DEV):
+    """Random emissions (B, n, T) in ``dtype``, fp32 params, left-aligned mask, tags (-100 on padding)."""
+    g = torch.Generator().manual_seed(seed)
+    em = (torch.randn(b, n, t, generator=g) * scale).to(dtype)
+    params = [torch.randn(*s, generator=g) * trans_scale for s in ((t,), (t,), (t, t))]
+    if lengths is None:
+        lengths = torch.randint(1, n + 1, (b,), generator=g)
+        lengths[0] = n
+        if b > 1:
+            lengths[-1] = 1
+    lengths = torch.as_tensor(lengths)
+    mask = torch.arange(n) < lengths.unsqueeze(1)  # shape: (B, n)
+    tags = torch.randint(0, t, (b, n), generator=g).masked_fill(~mask, -100)
+    return em.to(device), tags.to(device), mask.to(device), [p.to(device) for p in params]
+
+
+def _req(*xs):
+    return [x.detach().clone().requires_grad_(True) for x in xs]
+
+
+def _grads(out, inputs):
+    return torch.autograd.grad(out.sum(), inputs, retain_graph=True, materialize_grads=True)
+
+
+def _paths(tags, lengths):
+    return [row[:k] for row, k in zip(tags.tolist(), lengths.tolist())]
+
+
+def _brute(em, mask, start, end, trans):
+    """All paths enumerated in fp64 (differentiable): (log Z (B,), best path per sequence)."""
+    log_z, best = [], []
+    for i in range(em.shape[0]):
+        n_i = int(mask[i].sum())
+        paths = torch.tensor(list(itertools.product(range(em.shape[2]), repeat=n_i)))  # shape: (P, n_i)
+        score = start[paths[:, 0]] + end[paths[:, -1]] + em[i, torch.arange(n_i), paths].sum(1)
+        score = score + trans[paths[:, :-1], paths[:, 1:]].sum(1)  # shape: (P,)
+        log_z.append(torch.logsumexp(score, 0))
+        best.append(paths[score.argmax()].tolist())
+    return torch.stack(log_z), best
+
+
+def _torchcrf(params, dtype=torch.float64):
+    crf = torchcrf.CRF(params[2].shape[0], batch_first=False)  # torchcrf's default layout: (n, B, ...)
+    crf.load_state_dict(dict(zip(["start_transitions", "end_transitions", "transitions"], params)))
+    return crf.to(device=params[0].device, dtype=dtype)
+
+
+def _rel_err(x, r):
+    return ((x.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1.0)).item()
+
+
+# ---------------------------------------------------------------------------------------------- brute force
+
+
+@pytest.mark.parametrize("b,n,t,seed", [(3, 4, 3, 0), (3, 3, 3, 1), (1, 1, 3, 2), (3, 4, 2, 3)])
+def test_matches_brute_force(b, n, t, seed):
+    em, tags, mask, params = _inputs(b, n, t, seed)
+    em64, *p64 = _req(em.double().cpu(), *(p.double().cpu() for p in params))
+    log_z_ref, best = _brute(em64, mask.cpu(), *p64)
+    tags_cpu, mask_cpu = tags.cpu(), mask.cpu()
+    gold = ref.crf_gold_score(em64, tags_cpu, mask_cpu, *p64)
+    w = torch.randn(b, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    leaves = _req(em, *params)
+    log_z = ops.crf_log_partition(leaves[0], mask, *leaves[1:], backend="triton")
+    assert log_z.dtype == torch.float32
+    torch.testing.assert_close(log_z.double().cpu(), log_z_ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(_grads(log_z * w.float().to(DEV), leaves), _grads(log_z_ref * w, [em64, *p64])):
+        torch.testing.assert_close(a.double().cpu(), r, rtol=1e-5, atol=1e-5)
+
+    leaves = _req(em, *params)
+    llh = ops.crf_log_likelihood(leaves[0], tags, mask, *leaves[1:], backend="triton")
+    torch.testing.assert_close(llh.double().cpu(), gold - log_z_ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(_grads(llh * w.float().to(DEV), leaves), _grads((gold - log_z_ref) * w, [em64, *p64])):
+        torch.testing.assert_close(a.double().cpu(), r, rtol=1e-5, atol=1e-5)
+
+    paths, lengths = ops.crf_viterbi(em, mask, *params, backend="triton")
+    assert paths.dtype == lengths.dtype == torch.long
+    assert lengths.tolist() == mask.sum(1).tolist()
+    assert _paths(paths, lengths) == best
+    assert (paths[~mask] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- pytorch-crf
+
+TORCHCRF_CASES = [  # b, n, t, dtype, lengths (None: random with a full row and a length-1 row)
+    (1, 1, 5, torch.float32, None),  # batch of one, one step
+    (3, 2, 2, torch.float32, None),
+    (4, 7, 5, torch.float32, None),
+    (5, 13, 10, torch.float32, None),
+    (3, 7, 10, torch.float32, [7, 7, 7]),  # all lengths equal
+    (2, 13, 1, torch.float32, None),  # one tag
+    (2, 3, 64, torch.float32, None),  # the largest tag set
+    (3, 2, 17, torch.float32, None),  # BLOCK_T 32 with padded tags
+    (4, 7, 10, torch.float16, None),
+    (1, 13, 5, torch.float16, [13]),
+]
+
+
+@pytest.mark.parametrize("b,n,t,dtype,lengths", TORCHCRF_CASES)
+def test_matches_pytorch_crf(b, n, t, dtype, lengths):
+    em, tags, mask, params = _inputs(b, n, t, seed=b * 1000 + n * 10 + t, dtype=dtype, lengths=lengths, scale=2.0)
+    crf = _torchcrf(params)  # fp64 on the exact inputs the kernels see
+    em64 = em.double().transpose(0, 1).requires_grad_(True)  # shape: (n, B, T)
+    tags_tm, mask_tm = tags.clamp_min(0).t(), mask.t()
+    expected = crf(em64, tags_tm, mask_tm, reduction="none")
+    g_ref = _grads(expected, [em64, *crf.parameters()])
+
+    leaves = _req(em, *params)
+    llh = ops.crf_log_likelihood(leaves[0], tags, mask, *leaves[1:], backend="triton")
+    assert llh.shape == (b,) and llh.dtype == torch.float32
+    torch.testing.assert_close(llh.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(llh.sum().double(), crf(em64, tags_tm, mask_tm), rtol=1e-5, atol=1e-4)  # "sum"
+    grads = _grads(llh, leaves)
+    assert grads[0].dtype == dtype and all(g.dtype == torch.float32 for g in grads[1:])
+    tol = dict(rtol=1e-3, atol=2e-3) if dtype == torch.float16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0].double(), g_ref[0].transpose(0, 1), **tol)
+    for a, r in zip(grads[1:], g_ref[1:]):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4)
+    assert (grads[0][~mask] == 0).all()
+
+    paths, lengths_out = ops.crf_viterbi(em, mask, *params, backend="triton")
+    assert _paths(paths, lengths_out) == _torchcrf(params, torch.float32).decode(em.float().transpose(0, 1), mask_tm)
+
+
+def test_bf16_emissions():
+    """bf16 emissions are read as fp32 in the kernels (exact); only the bf16 gradient's final rounding may differ
+    (the interpreter's fp32 -> bf16 conversion is not round-to-nearest): within one bf16 ulp."""
+    em, tags, mask, params = _inputs(3, 6, 5, seed=12, dtype=torch.bfloat16, scale=2.0)
+    em32 = em.float().requires_grad_(True)
+    expected = ref.crf_log_likelihood(em32, tags, mask, *params, method="log")
+    leaf = em.detach().clone().requires_grad_(True)
+    ours = ops.crf_log_likelihood(leaf, tags, mask, *params, backend="triton")
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    (g,) = _grads(ours, [leaf])
+    assert g.dtype == torch.bfloat16
+    torch.testing.assert_close(g.float(), _grads(expected, [em32])[0], rtol=2**-7, atol=1e-6)
+    assert torch.equal(ops.crf_viterbi(em, mask, *params, backend="triton")[0], ref.crf_viterbi(em, mask, *params)[0])
+
+
+def test_time_major_views_and_padding_tags_are_ignored():
+    """Non-contiguous (transposed) emissions and tags, arbitrary tags / emissions on padding."""
+    em, tags, mask, params = _inputs(4, 6, 5, seed=11)
+    em_tm = em.transpose(0, 1).contiguous()  # shape: (n, B, T)
+    tags_tm = tags.t().contiguous()
+    base = ops.crf_log_likelihood(em, tags.clamp_min(0), mask, *params, backend="triton")
+    em_noisy = em_tm.clone()
+    em_noisy[~mask.t()] = 1e4  # padding must not leak
+    ours = ops.crf_log_likelihood(em_noisy.transpose(0, 1), tags_tm.t(), mask, *params, backend="triton")
+    torch.testing.assert_close(ours, base, rtol=0, atol=0)
+    paths, _ = ops.crf_viterbi(em_noisy.transpose(0, 1), mask, *params, backend="triton")
+    torch.testing.assert_close(paths, ops.crf_viterbi(em, mask, *params, backend="triton")[0])
+
+
+# ---------------------------------------------------------------------------------------------- hard numerics
+
+
+@pytest.mark.parametrize("kind", ["scale1e4", "neg1e4", "neginf"])
+def test_large_magnitudes_and_constraint_transitions(kind):
+    """|emissions| ~ 1e4, and forbidden transitions (-1e4 / -inf), against the fp64 log-space reference; the
+    kernels' error may be at most ~2x (value) / ~3x (grads) that of the reference computed in fp32."""
+    scale = 1e4 if kind == "scale1e4" else 3.0
+    em, tags, mask, params = _inputs(4, 7, 5, seed=21, scale=scale)
+    if kind != "scale1e4":
+        bad = -1e4 if kind == "neg1e4" else float("-inf")
+        params[2][0, 1] = params[2][3, 2] = params[2][4, :3] = bad  # forbidden moves
+        params[0][2] = bad  # cannot start with tag 2
+        tags = torch.where(tags >= 0, tags % 2 * 3, tags)  # gold paths over tags {0, 3} only: all allowed
+    leaves64 = _req(em.double(), *(p.double() for p in params))
+    exp = ref.crf_log_likelihood(leaves64[0], tags, mask, *leaves64[1:], method="log")
+    g_exp = _grads(exp, leaves64)
+    leaves32 = _req(em, *params)
+    base = ref.crf_log_likelihood(leaves32[0], tags, mask, *leaves32[1:], method="log")
+    g_base = _grads(base, leaves32)
+    leaves = _req(em, *params)
+    ours = ops.crf_log_likelihood(leaves[0], tags, mask, *leaves[1:], backend="triton")
+    assert torch.isfinite(ours).all()
+    floor = 1e-6
+    assert _rel_err(ours, exp) <= 2 * _rel_err(base, exp) + floor
+    for a, lp, r in zip(_grads(ours, leaves), g_base, g_exp):
+        assert torch.isfinite(a).all()
+        assert _rel_err(a, r) <= 3 * _rel_err(lp, r) + floor
+    paths, lengths = ops.crf_viterbi(em, mask, *params, backend="triton")
+    ref_paths, _ = ref.crf_viterbi(em, mask, *params)
+    assert _paths(paths, lengths) == _paths(ref_paths, lengths)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_viterbi_ties_broken_like_pytorch_crf(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, n, t = 9, 12, 4
+    em = torch.randint(-1, 2, (b, n, t), generator=g).float().to(DEV)  # small integers: many exact ties
+    params = [torch.randint(-1, 2, s, generator=g).float().to(DEV) for s in ((t,), (t,), (t, t))]
+    mask = torch.arange(n) < torch.randint(1, n + 1, (b,), generator=g).unsqueeze(1)
+    mask[:, 0] = True
+    mask = mask.to(DEV)
+    paths, lengths = ops.crf_viterbi(em, mask, *params, backend="triton")
+    expected = _torchcrf(params, torch.float32).decode(em.transpose(0, 1), mask.t())
+    assert _paths(paths, lengths) == expected
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+def test_auto_on_cpu_is_the_reference_and_errors():
+    em, tags, mask, params = _inputs(3, 4, 5, seed=3, device="cpu")
+    for backend in ("auto", "reference"):
+        torch.testing.assert_close(
+            ops.crf_log_likelihood(em, tags, mask, *params, backend=backend),
+            ref.crf_log_likelihood(em, tags, mask, *params),
+            rtol=0,
+            atol=0,
+        )
+        torch.testing.assert_close(
+            ops.crf_log_partition(em, mask, *params, backend=backend), ref.crf_log_partition(em, mask, *params)
+        )
+        assert (
+            ops.crf_viterbi(em, mask, *params, backend=backend)[0].tolist()
+            == ref.crf_viterbi(em, mask, *params)[0].tolist()
+        )
+    with pytest.raises(ValueError, match="backend"):
+        ops.crf_log_likelihood(em, tags, mask, *params, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        ops.crf_viterbi(em, mask, *params, backend="fast")
+    for backend in ("triton", "reference"):
+        with pytest.raises(ValueError, match="3-d float"):
+            ops.crf_log_likelihood(em[0], tags, mask, *params, backend=backend)
+        with pytest.raises(ValueError, match="3-d float"):
+            ops.crf_viterbi(em.long(), mask, *params, backend=backend)
+        with pytest.raises(ValueError, match="transitions"):
+            ops.crf_log_partition(em, mask, params[0], params[1], params[2][:, :2], backend=backend)
+        with pytest.raises(ValueError, match="mask must have shape"):
+            ops.crf_log_likelihood(em, tags, mask[:, :2], *params, backend=backend)
+        with pytest.raises(ValueError, match="mask must be bool"):
+            ops.crf_log_likelihood(em, tags, mask.float(), *params, backend=backend)
+        with pytest.raises(ValueError, match="tags must be torch.long"):
+            ops.crf_log_likelihood(em, tags.int(), mask, *params, backend=backend)
+        with pytest.raises(ValueError, match="tags must have shape"):
+            ops.crf_log_likelihood(em, tags[:2], mask, *params, backend=backend)
+        with pytest.raises(ValueError, match="sequence length"):
+            ops.crf_log_partition(em[:, :0], mask[:, :0], *params, backend=backend)
+
+
+def test_fp64_and_many_tags_take_the_reference():
+    em, tags, mask, params = _inputs(2, 3, 5, seed=4)
+    em64, p64 = em.double(), [p.double() for p in params]
+    out = ops.crf_log_likelihood(em64, tags, mask, *p64, backend="triton")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref.crf_log_likelihood(em64, tags, mask, *p64), rtol=0, atol=0)
+    em, tags, mask, params = _inputs(2, 2, ops.MAX_TRITON_TAGS + 1, seed=5)
+    torch.testing.assert_close(
+        ops.crf_log_partition(em, mask, *params, backend="triton"), ref.crf_log_partition(em, mask, *params)
+    )
+
+
+def test_uint8_mask_and_no_tags_needed_for_partition():
+    em, tags, mask, params = _inputs(3, 5, 4, seed=6)
+    a = ops.crf_log_partition(em, mask.to(torch.uint8), *params, backend="triton")
+    b = ref.crf_log_partition(em.double(), mask, *(p.double() for p in params), method="log")
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    em, tags, mask, params = _inputs(3, 5, 4, seed=8)
+
+    def loss(em, start, end, trans):
+        llh = ops.crf_log_likelihood(em, tags, mask, start, end, trans, backend="triton")
+        paths, _ = ops.crf_viterbi(em, mask, start, end, trans, backend="triton")
+        return llh, paths
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    leaves_c, leaves_e = _req(em, *params), _req(em, *params)
+    (llh_c, paths_c), (llh_e, paths_e) = compiled(*leaves_c), loss(*leaves_e)
+    torch.testing.assert_close(llh_c, llh_e, rtol=0, atol=0)
+    assert torch.equal(paths_c, paths_e)
+    for a, b in zip(_grads(llh_c, leaves_c), _grads(llh_e, leaves_e)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_opcheck():
+    em, tags, mask, params = _inputs(3, 4, 3, seed=9)
+    lengths = mask.sum(1)
+    leaves = _req(em, *params)
+    torch.library.opcheck(ops._crf_forward, (leaves[0], tags.clamp_min(0), lengths, *leaves[1:]))
+    torch.library.opcheck(ops._crf_forward, (em, None, lengths, *params))
+    torch.library.opcheck(ops._crf_viterbi, (em, lengths, *params))
+    out, alpha, log_z = ops._crf_forward(em, tags, lengths, *params)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(ops._crf_backward, (grad, tags, lengths, params[1], params[2], alpha, log_z, em.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+
+
+@needs_cuda
+@pytest.mark.parametrize("b,n", [(32, 64), (256, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_matches_reference(b, n, dtype):
+    t = 10
+    em, tags, mask, params = _inputs(b, n, t, seed=b + n, dtype=dtype, scale=3.0)
+    leaves64 = _req(em.double(), *(p.double() for p in params))
+    exp = ref.crf_log_likelihood(leaves64[0], tags, mask, *leaves64[1:])
+    g_exp = _grads(exp, leaves64)
+    leaves_lp = _req(em, *params)
+    base = ref.crf_log_likelihood(leaves_lp[0], tags, mask, *leaves_lp[1:])  # reference's own fp32 error
+    g_base = _grads(base, leaves_lp)
+    leaves = _req(em, *params)
+    ours = ops.crf_log_likelihood(leaves[0], tags, mask, *leaves[1:])  # auto -> triton on CUDA
+    floor = 1e-6
+    assert _rel_err(ours, exp) <= 2 * _rel_err(base, exp) + floor
+    for a, lp, r in zip(_grads(ours, leaves), g_base, g_exp):
+        assert _rel_err(a, r) <= 3 * _rel_err(lp, r) + floor
+    paths, lengths = ops.crf_viterbi(em, mask, *params)
+    ref_paths, _ = ref.crf_viterbi(em, mask, *params)
+    assert torch.equal(paths, ref_paths)
+    torch.testing.assert_close(
+        ops.crf_log_partition(em, mask, *params), ref.crf_log_partition(em, mask, *params), rtol=1e-5, atol=1e-3
+    )

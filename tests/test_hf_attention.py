@@ -1,0 +1,110 @@
+"""The "tpm_prefix" transformers attention: HF BertModel + DynamicCache prefix, same outputs and gradients with and
+without the patch, and the patched model really runs our kernel."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, DynamicCache
+
+import tpm_fast
+from tpm_fast.layers import hf_attention
+from tpm_fast.ops import prefix_attention as ops
+
+
+def _bert(heads: int = 2, head_dim: int = 16, layers: int = 2, dropout: float = 0.0) -> BertModel:
+    config = BertConfig(
+        vocab_size=60,
+        hidden_size=heads * head_dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * heads * head_dim,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=dropout,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return BertModel(config, add_pooling_layer=False)
+
+
+def _inputs(bert: BertModel, b: int, n: int, m: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    cfg = bert.config
+    ids = torch.randint(0, cfg.vocab_size, (b, n), generator=g)
+    lengths = torch.randint(1, n + 1, (b,), generator=g)
+    lengths[0] = n
+    mask = torch.cat([torch.ones(b, m, dtype=torch.long), (torch.arange(n) < lengths[:, None]).long()], 1)
+    shape = (b, cfg.num_attention_heads, m, cfg.hidden_size // cfg.num_attention_heads)
+    prefix = [tuple(torch.randn(shape, generator=g) for _ in range(2)) for _ in range(cfg.num_hidden_layers)]
+    return ids, mask, prefix
+
+
+def _run(bert: BertModel, ids, mask, prefix):
+    """Forward (new DynamicCache per call, HVPNeT style) + backward; returns the output and every gradient."""
+    prefix = [tuple(t.clone().requires_grad_(True) for t in kv) for kv in prefix]
+    hidden = bert(input_ids=ids, attention_mask=mask, cache=DynamicCache(prefix)).last_hidden_state
+    weights = torch.linspace(-1, 1, hidden.numel()).view(hidden.shape)
+    grads = torch.autograd.grad((hidden * weights).sum(), [*bert.parameters(), *[t for kv in prefix for t in kv]])
+    return hidden, grads
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("b,n,m", [(3, 9, 4), (2, 1, 1), (4, 17, 3)])
+def test_patched_bert_matches_hf(backend, b, n, m):
+    bert = _bert()
+    patched = tpm_fast.apply_to_bert(copy.deepcopy(bert), backend=backend)
+    assert patched.config._attn_implementation == "tpm_prefix"
+    ids, mask, prefix = _inputs(bert, b, n, m, seed=b * 10 + n)
+    expected, expected_grads = _run(bert, ids, mask, prefix)
+    out, grads = _run(patched, ids, mask, prefix)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_patched_bert_calls_our_kernel(monkeypatch):
+    bert = tpm_fast.apply_to_bert(_bert(layers=3), backend="triton")
+    calls = []
+    real = ops.prefix_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["backend"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "prefix_attention", spy)
+    ids, mask, prefix = _inputs(bert, 2, 5, 2, seed=1)
+    bert(input_ids=ids, attention_mask=mask, cache=DynamicCache(prefix))
+    assert calls == ["triton"] * 3  # one kernel call per layer
+
+
+def test_from_pretrained_with_registered_name(tmp_path):
+    bert = _bert()
+    bert.save_pretrained(tmp_path)
+    hf_attention.register()
+    loaded = BertModel.from_pretrained(
+        tmp_path, attn_implementation="tpm_prefix", add_pooling_layer=False, local_files_only=True
+    )
+    assert loaded.config._attn_implementation == "tpm_prefix"
+    ids, mask, prefix = _inputs(bert, 3, 6, 2, seed=2)
+    expected, _ = _run(bert, ids, mask, prefix)
+    out, _ = _run(loaded, ids, mask, prefix)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_no_padding_and_no_prefix():
+    """Without padding the mask function hands over None; without a cache m = 0 (plain BERT self-attention)."""
+    bert = _bert()
+    patched = tpm_fast.apply_to_bert(copy.deepcopy(bert), backend="reference")
+    ids = torch.randint(0, 60, (2, 7))
+    ones = torch.ones(2, 7, dtype=torch.long)
+    expected = bert(input_ids=ids, attention_mask=ones).last_hidden_state
+    out = patched(input_ids=ids, attention_mask=ones).last_hidden_state
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tpm_fast.apply_to_bert(_bert(), backend="cuda")
