@@ -263,15 +263,26 @@ def test_auto_on_cpu_is_the_reference_and_errors():
             ops.crf_log_partition(em[:, :0], mask[:, :0], *params, backend=backend)
 
 
-def test_fp64_and_many_tags_take_the_reference():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_fp64_and_many_tags_take_the_reference_or_raise(backend, monkeypatch):
+    """Inputs the kernels do not cover: the reference under "auto" (even where auto would pick Triton), an error
+    naming the limit under "triton"."""
+    monkeypatch.setattr(ops, "resolve_backend", lambda *_: "triton")  # as on CUDA
     em, tags, mask, params = _inputs(2, 3, 5, seed=4)
     em64, p64 = em.double(), [p.double() for p in params]
-    out = ops.crf_log_likelihood(em64, tags, mask, *p64, backend="triton")
+    em, _, mask_many, params_many = _inputs(2, 2, ops.MAX_TRITON_TAGS + 1, seed=5)
+    if backend == "triton":
+        with pytest.raises(ValueError, match="fp64 inputs need"):
+            ops.crf_log_likelihood(em64, tags, mask, *p64, backend=backend)
+        with pytest.raises(ValueError, match=f"at most {ops.MAX_TRITON_TAGS} tags"):
+            ops.crf_viterbi(em, mask_many, *params_many, backend=backend)
+        return
+    out = ops.crf_log_likelihood(em64, tags, mask, *p64, backend=backend)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ref.crf_log_likelihood(em64, tags, mask, *p64), rtol=0, atol=0)
-    em, tags, mask, params = _inputs(2, 2, ops.MAX_TRITON_TAGS + 1, seed=5)
     torch.testing.assert_close(
-        ops.crf_log_partition(em, mask, *params, backend="triton"), ref.crf_log_partition(em, mask, *params)
+        ops.crf_log_partition(em, mask_many, *params_many, backend=backend),
+        ref.crf_log_partition(em, mask_many, *params_many),
     )
 
 

@@ -10,8 +10,8 @@ import torch
 from transformers import BertConfig, BertModel, DynamicCache
 
 import tpm_fast
+from tpm_fast.kernels import prefix_attention as launchers
 from tpm_fast.layers import hf_attention
-from tpm_fast.ops import prefix_attention as ops
 
 
 def _bert(heads: int = 2, head_dim: int = 16, layers: int = 2, dropout: float = 0.0) -> BertModel:
@@ -66,18 +66,17 @@ def test_patched_bert_matches_hf(backend, b, n, m):
 
 
 def test_patched_bert_calls_our_kernel(monkeypatch):
+    """Spy on the Triton launchers themselves: one forward launch per layer, one backward launch per layer."""
     bert = tpm_fast.apply_to_bert(_bert(layers=3), backend="triton")
     calls = []
-    real = ops.prefix_attention
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs["backend"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "prefix_attention", spy)
+    for name in ("prefix_attention_fwd", "prefix_attention_bwd"):
+        real = getattr(launchers, name)
+        monkeypatch.setattr(
+            launchers, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)
+        )
     ids, mask, prefix = _inputs(bert, 2, 5, 2, seed=1)
-    bert(input_ids=ids, attention_mask=mask, cache=DynamicCache(prefix))
-    assert calls == ["triton"] * 3  # one kernel call per layer
+    _run(bert, ids, mask, prefix)
+    assert calls == ["prefix_attention_fwd"] * 3 + ["prefix_attention_bwd"] * 3
 
 
 def test_from_pretrained_with_registered_name(tmp_path):

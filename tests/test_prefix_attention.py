@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-from tpm_fast.kernels.prefix_attention import dropout_keep_mask, prefix_attention_bwd, prefix_attention_fwd
 
+from tpm_fast.kernels.prefix_attention import dropout_keep_mask, prefix_attention_bwd, prefix_attention_fwd
 from tpm_fast.ops.prefix_attention import draw_dropout_seed, prefix_attention
 from tpm_fast.reference.prefix_attention import prefix_attention as reference
 

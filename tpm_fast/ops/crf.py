@@ -11,8 +11,8 @@ contents are **not** checked, to avoid a host sync. The contract is the referenc
 ``mask[:, 0]`` all True (each row's length is ``mask.sum(1)``, real tokens are the first ``length`` positions),
 tags in ``[0, T)`` on real tokens (out-of-range tags are clamped, giving a wrong but memory-safe result).
 Callers that want the content checks call ``tpm_fast.reference.crf.check_inputs`` first.
-Inputs the kernels do not cover go to the reference even with ``backend="triton"``: any fp64 input (the kernels
-compute in fp32) and more than 64 tags (the register tile's limit).
+Inputs the kernels do not cover, any fp64 input (the kernels compute in fp32) and more than 64 tags (the register
+tile's limit), run the reference under ``backend="auto"`` and raise ``ValueError`` under ``backend="triton"``.
 
 The kernels are wrapped as torch custom ops (``tpm_fast::crf_forward``, ``tpm_fast::crf_backward``,
 ``tpm_fast::crf_viterbi``) with fake implementations and autograd, so ``torch.compile(fullgraph=True)`` traces
@@ -115,12 +115,18 @@ def _(emissions, lengths, start, end, transitions):
 
 
 def _use_triton(backend: str, emissions: Tensor, mask: Tensor, *params: Tensor) -> bool:
-    """Resolve the backend; fp64 inputs and more than `MAX_TRITON_TAGS` tags always take the reference."""
+    """Resolve the backend. Inputs the kernels do not cover (fp64, more than `MAX_TRITON_TAGS` tags) take the
+    reference under ``"auto"`` and raise under ``"triton"``."""
     if resolve_backend(backend, emissions, mask, *params) != "triton":
         return False
+    reason = None
     if emissions.shape[2] > MAX_TRITON_TAGS:
-        return False
-    return all(x.dtype != torch.float64 for x in (emissions, *params))
+        reason = f"the Triton CRF supports at most {MAX_TRITON_TAGS} tags, got {emissions.shape[2]}"
+    elif any(x.dtype == torch.float64 for x in (emissions, *params)):
+        reason = "the Triton CRF computes in fp32: fp64 inputs need backend='reference' (or 'auto')"
+    if reason is not None and backend == "triton":
+        raise ValueError(reason)
+    return reason is None
 
 
 def crf_log_likelihood(

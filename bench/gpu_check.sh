@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script for a session that has a GPU machine (torch + Triton installed there):
+# the kernel tests compiled for the GPU (not interpreted), then the benchmarks; logs and results under $OUT.
+#   bash bench/gpu_check.sh            # OUT defaults to bench/results
+# Needs pytorch-crf (the CRF oracle; a pure-Python wheel: `pip download pytorch-crf --no-deps`) if the machine
+# lacks it: put the wheel in wheels/ and it is installed first. DeepSpeed is not needed (no train.py tests here).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-bench/results}
+mkdir -p "$out"
+export TRITON_INTERPRET=0 PIP_DISABLE_PIP_VERSION_CHECK=1
+ls wheels/*.whl >/dev/null 2>&1 && pip install -q --no-deps wheels/*.whl
+pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1  # maps kernels/ to tpm_fast.kernels
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+tests=(tests/test_prefix_attention.py tests/test_crf.py tests/test_crf_layer.py tests/test_hf_attention.py
+       tests/test_prompted_bert.py tests/test_model.py tests/test_reference_crf.py tests/test_reference_prefix_attention.py)
+timeout 300 python -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 | tail -40 | tee "$out/gpu_tests.log"
+timeout 420 python -m pytest -q -p no:cacheprovider bench --benchmark-only --benchmark-min-rounds=20 \
+    --benchmark-max-time=0.5 2>&1 | tail -15 | tee "$out/bench.log"
+for f in bench/results/*.json; do
+    cp "$f" "$out/" 2>/dev/null
+    python bench/summarize.py "$f" > "$out/$(basename "$f" .json).md"
+done
