@@ -3,12 +3,11 @@ reference. GPU-only cases skip without CUDA."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torchcrf
 
+from tests.oracles import brute_force_crf
 from tpm_fast.ops import crf as ops
 from tpm_fast.reference import crf as ref
 
@@ -48,19 +47,6 @@ def _paths(tags, lengths):
     return [row[:k] for row, k in zip(tags.tolist(), lengths.tolist())]
 
 
-def _brute(em, mask, start, end, trans):
-    """All paths enumerated in fp64 (differentiable): (log Z (B,), best path per sequence)."""
-    log_z, best = [], []
-    for i in range(em.shape[0]):
-        n_i = int(mask[i].sum())
-        paths = torch.tensor(list(itertools.product(range(em.shape[2]), repeat=n_i)))  # shape: (P, n_i)
-        score = start[paths[:, 0]] + end[paths[:, -1]] + em[i, torch.arange(n_i), paths].sum(1)
-        score = score + trans[paths[:, :-1], paths[:, 1:]].sum(1)  # shape: (P,)
-        log_z.append(torch.logsumexp(score, 0))
-        best.append(paths[score.argmax()].tolist())
-    return torch.stack(log_z), best
-
-
 def _torchcrf(params, dtype=torch.float64):
     crf = torchcrf.CRF(params[2].shape[0], batch_first=False)  # torchcrf's default layout: (n, B, ...)
     crf.load_state_dict(dict(zip(["start_transitions", "end_transitions", "transitions"], params)))
@@ -78,7 +64,7 @@ def _rel_err(x, r):
 def test_matches_brute_force(b, n, t, seed):
     em, tags, mask, params = _inputs(b, n, t, seed)
     em64, *p64 = _req(em.double().cpu(), *(p.double().cpu() for p in params))
-    log_z_ref, best = _brute(em64, mask.cpu(), *p64)
+    log_z_ref, best = brute_force_crf(em64, mask.cpu(), *p64)
     tags_cpu, mask_cpu = tags.cpu(), mask.cpu()
     gold = ref.crf_gold_score(em64, tags_cpu, mask_cpu, *p64)
     w = torch.randn(b, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -7,27 +7,12 @@ import copy
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, DynamicCache
+from transformers import BertModel, DynamicCache
 
 import tpm_fast
+from tests.oracles import tiny_bert
 from tpm_fast.kernels import prefix_attention as launchers
 from tpm_fast.layers import hf_attention
-
-
-def _bert(heads: int = 2, head_dim: int = 16, layers: int = 2, dropout: float = 0.0) -> BertModel:
-    config = BertConfig(
-        vocab_size=60,
-        hidden_size=heads * head_dim,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=2 * heads * head_dim,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=dropout,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    return BertModel(config, add_pooling_layer=False)
 
 
 def _inputs(bert: BertModel, b: int, n: int, m: int, seed: int):
@@ -54,7 +39,7 @@ def _run(bert: BertModel, ids, mask, prefix):
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("b,n,m", [(3, 9, 4), (2, 1, 1), (4, 17, 3)])
 def test_patched_bert_matches_hf(backend, b, n, m):
-    bert = _bert()
+    bert = tiny_bert(attn="sdpa", vocab=60)
     patched = tpm_fast.apply_to_bert(copy.deepcopy(bert), backend=backend)
     assert patched.config._attn_implementation == "tpm_prefix"
     ids, mask, prefix = _inputs(bert, b, n, m, seed=b * 10 + n)
@@ -67,7 +52,7 @@ def test_patched_bert_matches_hf(backend, b, n, m):
 
 def test_patched_bert_calls_our_kernel(monkeypatch):
     """Spy on the Triton launchers themselves: one forward launch per layer, one backward launch per layer."""
-    bert = tpm_fast.apply_to_bert(_bert(layers=3), backend="triton")
+    bert = tpm_fast.apply_to_bert(tiny_bert(layers=3, attn="sdpa", vocab=60), backend="triton")
     calls = []
     for name in ("prefix_attention_fwd", "prefix_attention_bwd"):
         real = getattr(launchers, name)
@@ -80,7 +65,7 @@ def test_patched_bert_calls_our_kernel(monkeypatch):
 
 
 def test_from_pretrained_with_registered_name(tmp_path):
-    bert = _bert()
+    bert = tiny_bert(attn="sdpa", vocab=60)
     bert.save_pretrained(tmp_path)
     hf_attention.register()
     loaded = BertModel.from_pretrained(
@@ -95,7 +80,7 @@ def test_from_pretrained_with_registered_name(tmp_path):
 
 def test_no_padding_and_no_prefix():
     """Without padding the mask function hands over None; without a cache m = 0 (plain BERT self-attention)."""
-    bert = _bert()
+    bert = tiny_bert(attn="sdpa", vocab=60)
     patched = tpm_fast.apply_to_bert(copy.deepcopy(bert), backend="reference")
     ids = torch.randint(0, 60, (2, 7))
     ones = torch.ones(2, 7, dtype=torch.long)
@@ -106,4 +91,4 @@ def test_no_padding_and_no_prefix():
 
 def test_bad_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
-        tpm_fast.apply_to_bert(_bert(), backend="cuda")
+        tpm_fast.apply_to_bert(tiny_bert(attn="sdpa", vocab=60), backend="cuda")

@@ -2,25 +2,10 @@
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, DynamicCache
+from transformers import DynamicCache
 
+from tests.oracles import tiny_bert
 from tpm_fast.layers.prompted_bert import prompted_bert
-
-
-def tiny_bert(layers: int, heads: int, head_dim: int) -> BertModel:
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=heads * head_dim,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=2 * heads * head_dim,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        attn_implementation="eager",
-    )
-    return BertModel(config, add_pooling_layer=False).double()
-
 
 SHAPES = [(3, 7, 4, 2, 4, 8), (1, 1, 1, 1, 2, 4), (5, 13, 3, 3, 3, 5)]  # B, n, m, L, H, d_h
 
@@ -29,7 +14,7 @@ SHAPES = [(3, 7, 4, 2, 4, 8), (1, 1, 1, 1, 2, 4), (5, 13, 3, 3, 3, 5)]  # B, n, 
 @pytest.mark.parametrize("shift_positions", [True, False])
 def test_matches_hf_dynamic_cache(batch, n, m, layers, heads, head_dim, shift_positions):
     g = torch.Generator().manual_seed(batch * 100 + n)
-    bert = tiny_bert(layers, heads, head_dim)
+    bert = tiny_bert(layers, heads, head_dim).double()
     ids = torch.randint(0, 50, (batch, n), generator=g)
     lengths = torch.randint(1, n + 1, (batch,), generator=g)
     if batch > 2:
@@ -59,7 +44,7 @@ def test_matches_hf_dynamic_cache(batch, n, m, layers, heads, head_dim, shift_po
 
 
 def test_without_prefix_is_plain_bert():
-    bert = tiny_bert(2, 2, 8)
+    bert = tiny_bert(2, 2, 8).double()
     ids = torch.randint(0, 50, (2, 6))
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3], dtype=torch.bool)
     expected = bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
@@ -67,7 +52,7 @@ def test_without_prefix_is_plain_bert():
 
 
 def test_prefix_layer_count_checked():
-    bert = tiny_bert(2, 2, 4)
+    bert = tiny_bert(2, 2, 4).double()
     prefix = [(torch.zeros(1, 2, 4, 4, dtype=torch.float64),) * 2]
     with pytest.raises(ValueError, match="prefix has 1 layers, BERT has 2"):
         prompted_bert(bert, torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool), prefix)
@@ -77,7 +62,7 @@ def test_prefix_layer_count_checked():
 def test_triton_backend_matches_hf_dynamic_cache(batch, n, m):
     """The fused kernel in the prompted BERT (fp32; fp64 has no kernel) == HF + DynamicCache, outputs and grads."""
     g = torch.Generator().manual_seed(7 + n)
-    bert = tiny_bert(2, 2, 16).float()
+    bert = tiny_bert(2, 2, 16)
     ids = torch.randint(0, 50, (batch, n), generator=g)
     mask = torch.arange(n)[None] < torch.randint(1, n + 1, (batch,), generator=g)[:, None]  # shape: (B, n)
     mask[0] = True

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torchcrf
 
+from tests.oracles import brute_force_crf
 from tpm_fast.reference.crf import crf_gold_score, crf_log_likelihood, crf_log_partition, crf_viterbi
 
 METHODS = ["auto", "exp", "log"]
@@ -26,19 +25,6 @@ def _inputs(b, n, t, seed, dtype=torch.float64, scale=1.0, trans_scale=1.0):
     return em, tags, mask, params
 
 
-def _brute(em, mask, start, end, trans):
-    """Per sequence: all path scores in fp64 (autograd-friendly); returns (log Z (B,), best paths)."""
-    log_z, best = [], []
-    for i in range(em.shape[0]):
-        n_i = int(mask[i].sum())
-        paths = torch.tensor(list(itertools.product(range(em.shape[2]), repeat=n_i)))  # shape: (P, n_i)
-        score = start[paths[:, 0]] + end[paths[:, -1]] + em[i, torch.arange(n_i), paths].sum(1)
-        score = score + trans[paths[:, :-1], paths[:, 1:]].sum(1)  # shape: (P,)
-        log_z.append(torch.logsumexp(score, 0))
-        best.append(paths[score.argmax()].tolist())
-    return torch.stack(log_z), best
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("b,n,t", [(1, 1, 1), (1, 1, 3), (2, 3, 2), (3, 4, 3), (5, 3, 4), (2, 5, 2)])
 def test_log_partition_and_grads_match_brute_force(b, n, t, method):
@@ -46,7 +32,7 @@ def test_log_partition_and_grads_match_brute_force(b, n, t, method):
     em.requires_grad_(True)
     params = [p.requires_grad_(True) for p in params]
     ours = crf_log_partition(em, mask, *params, method=method)
-    ref, _ = _brute(em, mask, *params)
+    ref, _ = brute_force_crf(em, mask, *params)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
     w = torch.randn(b, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     g_ours = torch.autograd.grad((ours * w).sum(), [em, *params], materialize_grads=True)
@@ -58,7 +44,7 @@ def test_log_partition_and_grads_match_brute_force(b, n, t, method):
 @pytest.mark.parametrize("b,n,t", [(1, 1, 3), (3, 4, 3), (4, 5, 2), (2, 3, 5)])
 def test_viterbi_and_likelihood_match_brute_force(b, n, t):
     em, tags, mask, params = _inputs(b, n, t, seed=7 + b + n + t)
-    log_z, best = _brute(em, mask, *params)
+    log_z, best = brute_force_crf(em, mask, *params)
     paths, lengths = crf_viterbi(em, mask, *params)
     assert paths.dtype == torch.long and lengths.tolist() == mask.sum(1).tolist()
     assert [row[:k] for row, k in zip(paths.tolist(), lengths.tolist())] == best
@@ -113,7 +99,7 @@ def test_wide_span_transitions_use_exact_log_space(trans_value):
     em, tags, mask, params = _inputs(3, 4, 3, seed=5, scale=30.0)
     params[2][0, 1] = trans_value  # forbid 0 -> 1
     params[1][2] = -1e4 if trans_value == -1e4 else 0.0
-    log_z, best = _brute(em, mask, *params)
+    log_z, best = brute_force_crf(em, mask, *params)
     torch.testing.assert_close(crf_log_partition(em, mask, *params), log_z, rtol=1e-10, atol=1e-10)
     paths, lengths = crf_viterbi(em, mask, *params)
     assert [row[:k] for row, k in zip(paths.tolist(), lengths.tolist())] == best
