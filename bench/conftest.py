@@ -74,9 +74,10 @@ def bench_device() -> torch.device:
 
 @pytest.fixture
 def bench(benchmark):
-    """``bench(fn, group=..., provider=..., dtype=..., shape=..., **extra)``: time ``fn``, metadata in extra_info."""
+    """``bench(fn, group=..., provider=..., dtype=..., shape=..., rounds=None, **extra)``: time ``fn`` (exactly
+    ``rounds`` rounds after one warm-up when given, for steps that take seconds), metadata in extra_info."""
 
-    def run(fn, *, group: str, provider: str, dtype: torch.dtype, shape: dict, **extra):
+    def run(fn, *, group: str, provider: str, dtype: torch.dtype, shape: dict, rounds: int | None = None, **extra):
         benchmark.group = group
         benchmark.extra_info.update(
             device=device_name(),
@@ -88,6 +89,8 @@ def bench(benchmark):
             cuda=torch.version.cuda,
             **extra,
         )
+        if rounds is not None:
+            return benchmark.pedantic(synchronized(fn), rounds=rounds, warmup_rounds=1)
         return benchmark(synchronized(fn))
 
     return run
