@@ -7,6 +7,9 @@ import itertools
 import torch
 from transformers import BertConfig, BertModel
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+"""Where the backend="triton" tests run: the GPU when there is one (compiled kernels), else the CPU interpreter."""
+
 
 def brute_force_crf(em, mask, start, end, trans):
     """All tag paths of each sequence enumerated (differentiable; use fp64): (log Z (B,), best path per sequence)."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchcrf
 
+from tests.oracles import DEVICE
 from tpm_fast.layers.crf import CRF
 
 
@@ -134,24 +135,26 @@ def test_bad_inputs_raise_clear_errors(case, msg):
 def test_triton_backend_matches_pytorch_crf(batch_first, reduction):
     ours, ref = _pair(6, batch_first, seed=21, dtype=torch.float32)
     ours.backend = "triton"
+    ours.to(DEVICE)
     em, tags, mask = _batch(5, 8, 6, batch_first, seed=22)
-    em_ours = em.float().requires_grad_(True)
-    em_ref = em.float().requires_grad_(True)
-    out = ours(em_ours, tags, mask, reduction=reduction)
+    em = em.float()
+    em_ours = em.clone().to(DEVICE).requires_grad_(True)
+    em_ref = em.clone().requires_grad_(True)
+    out = ours(em_ours, tags.to(DEVICE), mask.to(DEVICE), reduction=reduction)
     expected = ref(em_ref, tags, mask, reduction=reduction)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
     out.sum().backward()
     expected.sum().backward()
-    torch.testing.assert_close(em_ours.grad, em_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(em_ours.grad.cpu(), em_ref.grad, rtol=1e-5, atol=1e-5)
     for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, getattr(ref, name).grad, rtol=1e-5, atol=1e-5)
-    assert ours.decode(em.float(), mask) == ref.decode(em.float(), mask)
+        torch.testing.assert_close(p.grad.cpu(), getattr(ref, name).grad, rtol=1e-5, atol=1e-5)
+    assert ours.decode(em.to(DEVICE), mask.to(DEVICE)) == ref.decode(em, mask)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_mask_checked_on_every_backend(backend):
-    crf = CRF(4, batch_first=True, backend=backend)
-    em, tags, mask = _batch(3, 5, 4, True, seed=1)
+    crf = CRF(4, batch_first=True, backend=backend).to(DEVICE)
+    em, tags, mask = (x.to(DEVICE) for x in _batch(3, 5, 4, True, seed=1))
     mask[1, 0] = False
     with pytest.raises(ValueError, match="first timestep"):
         crf(em.float(), tags, mask)
@@ -192,20 +195,21 @@ def test_from_labels_constrains_training_and_decoding(backend):
     n = 4
     em = torch.randn(2, n, 5, generator=g) * 3
     em[:, :, 2] += 4  # make I-PER tempting everywhere, also at the start and after O
+    start, end, trans = (p.detach().clone() for p in (crf.start_transitions, crf.end_transitions, crf.transitions))
+    allowed_start, allowed = crf.allowed_start.clone(), crf.allowed_transitions.clone()
     paths = _all_paths(5, n)  # shape: (5**n, n)
-    ok = crf.allowed_start[paths[:, 0]] & crf.allowed_transitions[paths[:, :-1], paths[:, 1:]].all(1)
-    valid = paths[ok]
+    valid = paths[allowed_start[paths[:, 0]] & allowed[paths[:, :-1], paths[:, 1:]].all(1)]
+    crf.to(DEVICE)
     for b in range(2):
-        s = crf.start_transitions[valid[:, 0]] + crf.end_transitions[valid[:, -1]]
-        s = s + em[b].gather(1, valid.t()).sum(0) + crf.transitions[valid[:, :-1], valid[:, 1:]].sum(1)
-        best = valid[s.argmax()]
-        assert crf.decode(em[b : b + 1])[0] == best.tolist()
+        s = start[valid[:, 0]] + end[valid[:, -1]]
+        s = s + em[b].gather(1, valid.t()).sum(0) + trans[valid[:, :-1], valid[:, 1:]].sum(1)  # shape: (paths,)
+        assert crf.decode(em[b : b + 1].to(DEVICE))[0] == valid[s.argmax()].tolist()
         gold = valid[len(valid) // 3].unsqueeze(0)
-        llh = crf(em[b : b + 1], gold, reduction="none")
+        llh = crf(em[b : b + 1].to(DEVICE), gold.to(DEVICE), reduction="none")
         expected = s[len(valid) // 3] - torch.logsumexp(s, 0)  # normalized over the allowed paths only
-        torch.testing.assert_close(llh[0], expected, rtol=1e-5, atol=1e-4)
-    loss = -crf(em, valid[:2], reduction="sum")
+        torch.testing.assert_close(llh[0].cpu(), expected, rtol=1e-5, atol=1e-4)
+    loss = -crf(em.to(DEVICE), valid[:2].to(DEVICE), reduction="sum")
     loss.backward()
-    assert (crf.transitions.grad[~crf.allowed_transitions] == 0).all()
-    assert (crf.start_transitions.grad[~crf.allowed_start] == 0).all()
-    assert crf.transitions.grad[crf.allowed_transitions].abs().sum() > 0
+    grad_trans, grad_start = crf.transitions.grad.cpu(), crf.start_transitions.grad.cpu()
+    assert (grad_trans[~allowed] == 0).all() and (grad_start[~allowed_start] == 0).all()
+    assert grad_trans[allowed].abs().sum() > 0

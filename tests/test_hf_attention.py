@@ -10,7 +10,7 @@ import torch
 from transformers import BertModel, DynamicCache
 
 import tpm_fast
-from tests.oracles import tiny_bert
+from tests.oracles import DEVICE, tiny_bert
 from tpm_fast.kernels import prefix_attention as launchers
 from tpm_fast.layers import hf_attention
 
@@ -24,14 +24,14 @@ def _inputs(bert: BertModel, b: int, n: int, m: int, seed: int):
     mask = torch.cat([torch.ones(b, m, dtype=torch.long), (torch.arange(n) < lengths[:, None]).long()], 1)
     shape = (b, cfg.num_attention_heads, m, cfg.hidden_size // cfg.num_attention_heads)
     prefix = [tuple(torch.randn(shape, generator=g) for _ in range(2)) for _ in range(cfg.num_hidden_layers)]
-    return ids, mask, prefix
+    return ids.to(DEVICE), mask.to(DEVICE), [tuple(t.to(DEVICE) for t in kv) for kv in prefix]
 
 
 def _run(bert: BertModel, ids, mask, prefix):
     """Forward (new DynamicCache per call, HVPNeT style) + backward; returns the output and every gradient."""
     prefix = [tuple(t.clone().requires_grad_(True) for t in kv) for kv in prefix]
     hidden = bert(input_ids=ids, attention_mask=mask, cache=DynamicCache(prefix)).last_hidden_state
-    weights = torch.linspace(-1, 1, hidden.numel()).view(hidden.shape)
+    weights = torch.linspace(-1, 1, hidden.numel(), device=hidden.device).view(hidden.shape)
     grads = torch.autograd.grad((hidden * weights).sum(), [*bert.parameters(), *[t for kv in prefix for t in kv]])
     return hidden, grads
 
@@ -39,7 +39,7 @@ def _run(bert: BertModel, ids, mask, prefix):
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("b,n,m", [(3, 9, 4), (2, 1, 1), (4, 17, 3)])
 def test_patched_bert_matches_hf(backend, b, n, m):
-    bert = tiny_bert(attn="sdpa", vocab=60)
+    bert = tiny_bert(attn="sdpa", vocab=60).to(DEVICE)
     patched = tpm_fast.apply_to_bert(copy.deepcopy(bert), backend=backend)
     assert patched.config._attn_implementation == "tpm_prefix"
     ids, mask, prefix = _inputs(bert, b, n, m, seed=b * 10 + n)
@@ -52,7 +52,7 @@ def test_patched_bert_matches_hf(backend, b, n, m):
 
 def test_patched_bert_calls_our_kernel(monkeypatch):
     """Spy on the Triton launchers themselves: one forward launch per layer, one backward launch per layer."""
-    bert = tpm_fast.apply_to_bert(tiny_bert(layers=3, attn="sdpa", vocab=60), backend="triton")
+    bert = tpm_fast.apply_to_bert(tiny_bert(layers=3, attn="sdpa", vocab=60).to(DEVICE), backend="triton")
     calls = []
     for name in ("prefix_attention_fwd", "prefix_attention_bwd"):
         real = getattr(launchers, name)
@@ -65,13 +65,14 @@ def test_patched_bert_calls_our_kernel(monkeypatch):
 
 
 def test_from_pretrained_with_registered_name(tmp_path):
-    bert = tiny_bert(attn="sdpa", vocab=60)
+    bert = tiny_bert(attn="sdpa", vocab=60).to(DEVICE)
     bert.save_pretrained(tmp_path)
     hf_attention.register()
     loaded = BertModel.from_pretrained(
         tmp_path, attn_implementation="tpm_prefix", add_pooling_layer=False, local_files_only=True
     )
     assert loaded.config._attn_implementation == "tpm_prefix"
+    loaded.to(DEVICE)
     ids, mask, prefix = _inputs(bert, 3, 6, 2, seed=2)
     expected, _ = _run(bert, ids, mask, prefix)
     out, _ = _run(loaded, ids, mask, prefix)

@@ -4,7 +4,9 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTModel
 
+from tests.oracles import DEVICE
 from tpm_fast.data.labels import LABEL2ID, LABELS
+from tpm_fast.engine import to_device
 from tpm_fast.model import TPMMI, TPMConfig, build_model, load_model, save_model
 
 BERT = dict(
@@ -180,8 +182,8 @@ def test_triton_backend_matches_reference():
     bert = dict(BERT, num_attention_heads=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # d_h 16
     config = TPMConfig(bert=bert, vit=VIT, prefix_hidden=24, temporal_heads=2, temporal_ffn=32, dropout=0.0)
     torch.manual_seed(0)
-    model = TPMMI(config)
-    batch = make_batch(MASK, seed=3)
+    model = TPMMI(config).to(DEVICE)
+    batch = to_device(make_batch(MASK, seed=3), DEVICE)
     results = {}
     for backend in ("reference", "triton"):
         model.backend = backend

@@ -334,8 +334,9 @@ def test_bf16_within_reference_bf16_error(b, h, n, n_k, m, d):
 
 @pytest.mark.skipif(not CUDA, reason="full-size run: GPU only")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_full_size_gpu(dtype):
-    b, h, n, m, d = 8, 12, 128, 4, 64
+@pytest.mark.parametrize("b,n,m", [(8, 128, 4), (2, 512, 16)])
+def test_full_size_gpu(dtype, b, n, m):
+    h, d = 12, 64
     inputs = _inputs(b, h, n, n, m, d, seed=22, dtype=dtype)
     lengths = torch.randint(0, n + 1, (b,), generator=torch.Generator().manual_seed(11)).to(DEVICE)
     lengths[0] = n

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from tests.oracles import tiny_bert
+from tests.oracles import DEVICE, tiny_bert
 from tpm_fast.layers.prompted_bert import prompted_bert
 
 SHAPES = [(3, 7, 4, 2, 4, 8), (1, 1, 1, 1, 2, 4), (5, 13, 3, 3, 3, 5)]  # B, n, m, L, H, d_h
@@ -62,16 +62,19 @@ def test_prefix_layer_count_checked():
 def test_triton_backend_matches_hf_dynamic_cache(batch, n, m):
     """The fused kernel in the prompted BERT (fp32; fp64 has no kernel) == HF + DynamicCache, outputs and grads."""
     g = torch.Generator().manual_seed(7 + n)
-    bert = tiny_bert(2, 2, 16)
+    bert = tiny_bert(2, 2, 16).to(DEVICE)
     ids = torch.randint(0, 50, (batch, n), generator=g)
     mask = torch.arange(n)[None] < torch.randint(1, n + 1, (batch,), generator=g)[:, None]  # shape: (B, n)
     mask[0] = True
-    prefix = [tuple(torch.randn(batch, 2, m, 16, generator=g, requires_grad=True) for _ in range(2)) for _ in range(2)]
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    prefix = [
+        tuple(torch.randn(batch, 2, m, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(2)) for _ in range(2)
+    ]
     inputs = [*bert.parameters(), *[t for p in prefix for t in p]]
     ours = prompted_bert(bert, ids, mask, prefix, backend="triton")
-    upstream = torch.randn(ours.shape, generator=g)
+    upstream = torch.randn(ours.shape, generator=g).to(DEVICE)
     grads_ours = torch.autograd.grad((ours * upstream).sum(), inputs)
-    full_mask = torch.cat([torch.ones(batch, m, dtype=torch.long), mask.long()], 1)
+    full_mask = torch.cat([torch.ones(batch, m, dtype=torch.long, device=DEVICE), mask.long()], 1)
     hf = bert(input_ids=ids, attention_mask=full_mask, cache=DynamicCache(prefix)).last_hidden_state
     grads_hf = torch.autograd.grad((hf * upstream).sum(), inputs)
     torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-5)
