@@ -2,8 +2,8 @@
 # The GPU checks, as one script for a session that has a GPU machine (torch + Triton installed there):
 # the kernel tests compiled for the GPU (not interpreted), then the benchmarks; logs and results under $OUT.
 #   bash bench/gpu_check.sh            # OUT defaults to bench/results
-# Needs pytorch-crf (the CRF oracle; a pure-Python wheel: `pip download pytorch-crf --no-deps`) if the machine
-# lacks it: put the wheel in wheels/ and it is installed first. DeepSpeed is not needed (no train.py tests here).
+# Needs pytorch-crf (the CRF oracle) where the machine lacks it: `pip wheel --no-deps -w wheels pytorch-crf` here
+# (pure Python, 10 kB), carry wheels/, and it is installed first. No DeepSpeed or seqeval needed by these tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}

@@ -6,7 +6,6 @@ from transformers import ViTConfig, ViTModel
 
 from tests.oracles import DEVICE
 from tpm_fast.data.labels import LABEL2ID, LABELS
-from tpm_fast.engine import to_device
 from tpm_fast.model import TPMMI, TPMConfig, build_model, load_model, save_model
 
 BERT = dict(
@@ -183,7 +182,7 @@ def test_triton_backend_matches_reference():
     config = TPMConfig(bert=bert, vit=VIT, prefix_hidden=24, temporal_heads=2, temporal_ffn=32, dropout=0.0)
     torch.manual_seed(0)
     model = TPMMI(config).to(DEVICE)
-    batch = to_device(make_batch(MASK, seed=3), DEVICE)
+    batch = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in make_batch(MASK, seed=3).items()}
     results = {}
     for backend in ("reference", "triton"):
         model.backend = backend
