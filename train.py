@@ -45,6 +45,7 @@ from tpm_fast.engine import (
 )
 from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.model import IMAGE_MODES, TPMConfig, build_model
+from tpm_fast.ops._backend import BACKENDS
 
 ROOT = Path(__file__).resolve().parent
 
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "triton", "reference"],
+        choices=BACKENDS,
         help="attention and CRF kernels: auto = Triton on CUDA, the PyTorch reference on CPU",
     )
     g = p.add_argument_group("training")

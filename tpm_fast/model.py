@@ -16,7 +16,7 @@ from tpm_fast.data.labels import LABELS
 from tpm_fast.layers.crf import CRF
 from tpm_fast.layers.image_prefix import IMAGE_FEATURES, IMAGE_PADDINGS, ImagePrefix
 from tpm_fast.layers.prompted_bert import prompted_bert
-from tpm_fast.ops._backend import BACKENDS
+from tpm_fast.ops._backend import check_backend
 
 # Small configs for the embedded default corpus and the tests (trained from scratch in minutes on a CPU).
 TINY_BERT = dict(
@@ -112,9 +112,7 @@ class TPMMI(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
-        self.crf.backend = value
+        self.crf.backend = check_backend(value)
 
     @property
     def max_pieces(self) -> int:

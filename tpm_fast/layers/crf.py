@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from tpm_fast.ops import crf as ops
-from tpm_fast.ops._backend import BACKENDS, resolve_backend
+from tpm_fast.ops._backend import check_backend, resolve_backend
 from tpm_fast.reference.crf import check_inputs
 
 _REDUCTIONS = ("none", "sum", "mean", "token_mean")
@@ -32,12 +32,10 @@ class CRF(nn.Module):
     def __init__(self, num_tags: int, batch_first: bool = False, *, backend: str = "auto") -> None:
         if num_tags <= 0:
             raise ValueError(f"invalid number of tags: {num_tags}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         super().__init__()
         self.num_tags = num_tags
         self.batch_first = batch_first
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.start_transitions = nn.Parameter(torch.empty(num_tags))
         self.end_transitions = nn.Parameter(torch.empty(num_tags))
         self.transitions = nn.Parameter(torch.empty(num_tags, num_tags))
@@ -86,11 +84,12 @@ class CRF(nn.Module):
             raise ValueError(f"emissions must be 3-d with last dim {self.num_tags}, got {tuple(emissions.shape)}")
         if not self.batch_first:
             emissions, tags, mask = (x if x is None else x.transpose(0, 1) for x in (emissions, tags, mask))
+        params = self._params()
         if mask is None:
             mask = torch.ones(emissions.shape[:2], dtype=torch.bool, device=emissions.device)
         elif validate and resolve_backend(self.backend, emissions) == "triton":  # the reference checks itself
-            mask = check_inputs(emissions, mask, *self._params(), tags=tags)
-        return emissions, tags, mask, self._params()
+            mask = check_inputs(emissions, mask, *params, tags=tags)
+        return emissions, tags, mask, params
 
     def _params(self) -> tuple[Tensor, Tensor, Tensor]:
         start, end, trans = self.start_transitions, self.end_transitions, self.transitions

@@ -19,7 +19,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from tpm_fast.ops import prefix_attention as ops
-from tpm_fast.ops._backend import BACKENDS
+from tpm_fast.ops._backend import check_backend
 
 NAME = "tpm_prefix"
 BACKEND_ATTR = "tpm_prefix_backend"
@@ -66,7 +66,7 @@ def tpm_prefix_attention(
         key[:, :, :m],  # shape: (B, H, m, d)
         value[:, :, :m],
         key_padding_mask=token_mask,
-        dropout_p=dropout if module.training else 0.0,
+        dropout_p=dropout,  # transformers passes 0.0 outside training
         scale=scaling,
         backend=backend,
     )  # shape: (B, H, n, d)
@@ -89,8 +89,7 @@ def apply_to_bert(model: PreTrainedModel, backend: str = "auto") -> PreTrainedMo
     Returns:
         The same model, for chaining.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     register()
     model.set_attn_implementation(NAME)
     for config in {id(m.config): m.config for m in model.modules() if isinstance(m, PreTrainedModel)}.values():

@@ -29,6 +29,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def check_backend(backend: str) -> str:
+    """Return ``backend`` if it is one of :data:`BACKENDS`, else raise ``ValueError`` naming them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 def resolve_backend(backend: str, *tensors: Tensor) -> str:
     """Map a requested backend to ``"triton"`` or ``"reference"`` for these input tensors.
 
@@ -36,9 +43,7 @@ def resolve_backend(backend: str, *tensors: Tensor) -> str:
         ValueError: unknown backend, or ``"triton"`` asked for where it cannot run (no Triton, or CPU tensors
             without ``TRITON_INTERPRET=1``, or tensors on different devices).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
+    if check_backend(backend) == "reference":
         return backend
     devices = {t.device for t in tensors}
     on_cuda = len(devices) == 1 and next(iter(devices)).type == "cuda"

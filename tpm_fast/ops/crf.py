@@ -114,11 +114,16 @@ def _(emissions, lengths, start, end, transitions):
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def _use_triton(backend: str, emissions: Tensor, mask: Tensor, *params: Tensor) -> bool:
-    """Resolve the backend. Inputs the kernels do not cover (fp64, more than `MAX_TRITON_TAGS` tags) take the
-    reference under ``"auto"`` and raise under ``"triton"``."""
-    if resolve_backend(backend, emissions, mask, *params) != "triton":
+def _use_triton(
+    backend: str, emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor, tags=None
+) -> bool:
+    """Resolve the backend; on the Triton path check shapes and dtypes (the reference checks its own inputs).
+    Inputs the kernels do not cover (fp64, more than `MAX_TRITON_TAGS` tags) take the reference under ``"auto"``
+    and raise under ``"triton"``."""
+    params = (start, end, transitions)
+    if resolve_backend(backend, emissions, mask, *params, *([] if tags is None else [tags])) != "triton":
         return False
+    _ref.check_shapes(emissions, mask, *params, tags=tags)
     reason = None
     if emissions.shape[2] > MAX_TRITON_TAGS:
         reason = f"the Triton CRF supports at most {MAX_TRITON_TAGS} tags, got {emissions.shape[2]}"
@@ -152,7 +157,6 @@ def crf_log_likelihood(
         (B,) fp32 (fp64 on the reference path with fp64 inputs) gold path score minus log Z, differentiable w.r.t.
         emissions, start, end and transitions (grads in each input's dtype).
     """
-    _ref.check_shapes(emissions, mask, start, end, transitions, tags=tags)
     if not _use_triton(backend, emissions, mask, start, end, transitions, tags):
         return _ref.crf_log_likelihood(emissions, tags, mask, start, end, transitions)
     lengths = mask.sum(1)  # shape: (B,) int64, on device
@@ -170,7 +174,6 @@ def crf_log_partition(
         (B,) fp32 (fp64 on the reference path with fp64 inputs) log Z, differentiable w.r.t. emissions, start, end
         and transitions.
     """
-    _ref.check_shapes(emissions, mask, start, end, transitions)
     if not _use_triton(backend, emissions, mask, start, end, transitions):
         return _ref.crf_log_partition(emissions, mask, start, end, transitions)
     lengths = mask.sum(1)  # shape: (B,)
@@ -190,7 +193,6 @@ def crf_viterbi(
         tags: (B, n) long, best path on real tokens, 0 on padding; lengths: (B,) long (``mask.sum(1)``).
         Not differentiable; no host sync and no per-sequence loop on the Triton path.
     """
-    _ref.check_shapes(emissions, mask, start, end, transitions)
     if not _use_triton(backend, emissions, mask, start, end, transitions):
         return _ref.crf_viterbi(emissions, mask, start, end, transitions)
     lengths = mask.sum(1)  # shape: (B,)

@@ -156,9 +156,9 @@ def prefix_attention(
         ValueError: bad shapes / mask / lengths / dropout_p (as the reference), unknown backend, or
             ``backend="triton"`` where it cannot run (no Triton, CPU without TRITON_INTERPRET=1, fp64, bad head dim).
     """
-    check_inputs(q, k, v, k_p, v_p, key_padding_mask, lengths, dropout_p)
     chosen = resolve_backend(backend, q, k, v, k_p, v_p)
-    if chosen == "triton":
+    if chosen == "triton":  # the reference validates its own inputs
+        check_inputs(q, k, v, k_p, v_p, key_padding_mask, lengths, dropout_p)
         reason = triton_unsupported_reason(q, k, v, k_p, v_p)
         if reason is not None:
             if backend == "triton":
