@@ -42,11 +42,16 @@ def trained(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     log = run("train.py", "--data-dir", str(corpus), "--output-dir", str(out), *SMALL)
     assert "best epoch" in log and "test P=" in log
+    # one rank: the DeepSpeed engine is bypassed, and the run says so (and why) before training
+    assert log.index("engine: no DeepSpeed engine (one rank") < log.index("epoch 1:")
+    assert "batches: random (random batches would spend " in log  # ViT dominates: padding is < 25 % of the FLOPs
     return out
 
 
 def test_train_writes_log_checkpoints_and_model(trained):
     assert epochs_logged(trained) == [1, 2]
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()][:2]
+    assert all(r["train_posts_per_s"] > 0 and "mfu" not in r for r in records)  # MFU only where the GPU peak is known
     result = json.loads((trained / "results.json").read_text())
     assert 0.0 < result["test_f1"] <= 1.0 and result["best_epoch"] in (1, 2)
     weights = torch.load(trained / "best_model.pt", weights_only=True)["state_dict"]
@@ -60,6 +65,13 @@ def test_resume_continues_from_last_epoch(trained, corpus):
     assert "resumed from" in log and "epoch 2 done" in log
     assert epochs_logged(trained) == [1, 2, 3]  # epochs 1-2 were not trained again
     assert sorted(p.name for p in (trained / "checkpoints").glob("epoch*")) == ["epoch2", "epoch3"]  # keep 2
+
+
+def test_resume_with_the_other_engine_fails_clearly(trained, corpus):
+    args = ["--data-dir", str(corpus), "--output-dir", str(trained), *SMALL, "--epochs", "4", "--resume"]
+    proc = subprocess.run([sys.executable, "train.py", *args, "--zero-stage", "1"], cwd=ROOT, capture_output=True,
+                          text=True)  # fmt: skip
+    assert proc.returncode != 0 and "written without the DeepSpeed engine" in proc.stderr
 
 
 def test_eval_only_reproduces_test_score(trained, corpus):
@@ -98,7 +110,7 @@ def test_zero_stages_and_precisions(corpus, tmp_path, stage, extra):
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}  # fp32 master weights
 
 
-@pytest.mark.parametrize("stage,padding", [(1, "zero_feature"), (3, "zero_pixel")])
+@pytest.mark.parametrize("stage,padding", [("auto", "zero_feature"), ("3", "zero_pixel")])
 def test_deepspeed_launcher_two_ranks_with_image_less_posts(corpus, tmp_path, stage, padding):
     """Two CPU ranks, batch size 1, every second post without images: the ranks must run the same collectives."""
     data = tmp_path / "data"
@@ -109,9 +121,29 @@ def test_deepspeed_launcher_two_ranks_with_image_less_posts(corpus, tmp_path, st
     )
     launcher = (str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2")
     args = ["--data-dir", str(data), "--output-dir", str(tmp_path / "out"), *SMALL, "--epochs", "1", "--limit", "8"]
-    log = run("train.py", *args, "--batch-size", "1", "--zero-stage", str(stage), "--image-padding", padding,
+    log = run("train.py", *args, "--batch-size", "1", "--zero-stage", stage, "--image-padding", padding,
               launcher=launcher, timeout=300)  # fmt: skip
     assert "2 rank(s)" in log and "test P=" in log
+    if stage == "auto":  # a tiny model on two ranks: plain data parallel (ZeRO-0), exported from the module
+        assert "DeepSpeed ZeRO-0 (2 ranks" in log and (tmp_path / "out" / "best_model.pt").is_file()
+
+
+def test_bf16_without_the_engine_resumes_and_exports_fp32(corpus, tmp_path):
+    """One rank, bf16 weights with fp32 masters in PlainEngine, bucketed batches: train, resume, export fp32."""
+    args = ["train.py", "--data-dir", str(corpus), "--output-dir", str(tmp_path), *SMALL, "--limit", "16"]
+    log = run(*args, "--epochs", "1", "--precision", "bf16", "--bucket", "on")
+    assert "no ZeRO, bf16" in log and "batches: length-bucketed (asked for)" in log
+    log = run(*args, "--epochs", "2", "--precision", "bf16", "--bucket", "on", "--resume")
+    assert "resumed from" in log and epochs_logged(tmp_path) == [1, 2]
+    weights = torch.load(tmp_path / "best_model.pt", weights_only=True)["state_dict"]
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_compile_fast_path_options(corpus, tmp_path):
+    """--compile with the other fast-path switches turned off: trains, evaluates, exports."""
+    log = run("train.py", "--data-dir", str(corpus), "--output-dir", str(tmp_path), *SMALL, "--epochs", "1",
+              "--limit", "8", "--compile", "--no-fused-adamw", "--precision", "fp32")  # fmt: skip
+    assert "test P=" in log and (tmp_path / "best_model.pt").is_file()
 
 
 def test_triton_backend_and_train_f1(corpus, tmp_path):

@@ -8,11 +8,13 @@ from tpm_fast.layers import CRF, ImagePrefix, apply_to_bert, prompted_bert, regi
 from tpm_fast.model import TPMMI, TPMConfig, build_model, load_model, save_model
 from tpm_fast.ops.crf import crf_log_likelihood, crf_viterbi
 from tpm_fast.ops.prefix_attention import prefix_attention
+from tpm_fast.plain_engine import PlainEngine
 
 __version__ = "0.2.0"
 __all__ = [
     "CRF",
     "ImagePrefix",
+    "PlainEngine",
     "TPMConfig",
     "TPMMI",
     "apply_to_bert",

@@ -1,0 +1,82 @@
+"""Run-configuration choices (tpm_fast.runtime): ZeRO stage, precision, workers, threads."""
+
+import pytest
+import torch
+
+from tpm_fast import runtime
+
+CPU = torch.device("cpu")
+
+
+def test_one_rank_bypasses_the_engine():
+    stage, why = runtime.choose_zero_stage("auto", 1, 10**9, CPU)
+    assert stage == "off" and "one rank" in why
+
+
+@pytest.mark.parametrize(
+    "params,memory,stage",
+    [(10**6, 2**36, "0"), (2 * 10**8, 2**36, "0"), (2 * 10**9, 2**36, "2"), (10**10, 2**36, "3")],
+)
+def test_several_ranks_pick_a_stage_by_model_size(monkeypatch, params, memory, stage):
+    monkeypatch.setattr(runtime, "device_memory", lambda device: memory)
+    chosen, why = runtime.choose_zero_stage("auto", 8, params, CPU)
+    assert chosen == stage and "8 ranks" in why
+    bf16 = runtime.choose_zero_stage("auto", 8, params, CPU, "bf16")[0]
+    assert bf16 == ("1" if stage == "0" else stage)  # bf16 keeps its fp32 master weights in a ZeRO optimizer
+
+
+def test_explicit_stage_is_kept():
+    assert runtime.choose_zero_stage("3", 1, 10, CPU)[0] == "3"
+    assert runtime.choose_zero_stage("off", 1, 10, CPU)[0] == "off"
+
+
+@pytest.mark.parametrize("native,hidden,expected", [(True, 768, "bf16"), (True, 128, "fp32"), (False, 768, "fp32")])
+def test_precision_auto(monkeypatch, native, hidden, expected):
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
+    assert runtime.choose_precision("auto", CPU, hidden)[0] == expected
+    assert runtime.choose_precision("fp32", CPU, hidden)[0] == "fp32"
+
+
+def test_bf16_asked_for_on_a_cpu_without_it_says_so(monkeypatch):
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    precision, why = runtime.choose_precision("bf16", CPU, 768)
+    assert precision == "bf16" and "slower" in why
+
+
+@pytest.mark.parametrize("cores,ranks,mode,workers", [(2, 1, "multi", 1), (2, 1, "text", 0), (2, 2, "multi", 0)])
+def test_workers_and_threads_never_oversubscribe(monkeypatch, cores, ranks, mode, workers):
+    monkeypatch.setattr(runtime, "cpu_cores", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("TPM_FAST_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        chosen, _ = runtime.choose_workers(None, mode, CPU)
+        threads, _ = runtime.configure_threads(chosen, CPU)
+        assert chosen == workers
+        assert threads == torch.get_num_threads() >= 1
+        assert ranks * (threads + chosen) <= max(cores, ranks)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_user_thread_settings_win(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("TPM_FAST_THREADS", raising=False)
+    assert runtime.configure_threads(0, CPU) == (torch.get_num_threads(), "OMP_NUM_THREADS")
+    assert runtime.choose_workers(3, "multi", CPU) == (3, "--workers")
+
+
+def test_native_bf16_answers_without_error():
+    assert runtime.native_bf16(CPU) in (True, False)
+
+
+@pytest.mark.parametrize("share,expected", [(0.11, False), (0.25, True), (0.4, True)])
+def test_bucketing_auto_only_where_padding_costs_a_quarter(share, expected):
+    bucket, why = runtime.choose_bucketing("auto", share)
+    assert bucket is expected and f"{share:.0%}" in why
+
+
+@pytest.mark.parametrize("requested", ["on", "off"])
+def test_bucketing_asked_for_is_kept(requested):
+    assert runtime.choose_bucketing(requested, 0.11 if requested == "on" else 0.9) == (requested == "on", "asked for")

@@ -1,0 +1,153 @@
+"""The fastest correct run configuration for the machine: threads, DataLoader workers, precision, ZeRO stage.
+
+Each ``choose_*`` function returns its choice and the reason, which ``train.py`` prints in its first lines. The
+rules come from measurements in ``bench/README.md`` (train-step benchmark, 2-rank scaling).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+ZERO_STAGES = ("auto", "off", "0", "1", "2", "3")
+PRECISIONS = ("auto", "fp32", "bf16")
+BUCKETING = ("auto", "on", "off")
+BUCKET_MIN_SAVING = 0.25  # bucket only where random batches would spend this share of the FLOPs on padding
+MODEL_STATE_BYTES = 16
+"""fp32 weights + gradients + AdamW's two moments: bytes of model state per parameter without ZeRO."""
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask; containers and taskset included)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def local_world_size() -> int:
+    """Ranks of this job on this machine (``LOCAL_WORLD_SIZE`` from the launcher; 1 when absent)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def choose_workers(requested: int | None, image_mode: str, device: torch.device) -> tuple[int, str]:
+    """DataLoader worker processes: images are decoded in workers, text needs none.
+
+    On CPU a worker takes a core from the model, so one worker per rank (the decode of ~3 images per post keeps
+    up with a CPU step); on CUDA up to 4 per rank, bounded by the rank's cores minus the main process.
+    """
+    if requested is not None:
+        return requested, "--workers"
+    if image_mode == "text":
+        return 0, "text only: nothing to decode"
+    per_rank = max(1, cpu_cores() // local_world_size())
+    if device.type == "cuda":
+        return max(1, min(4, per_rank - 1)), f"{per_rank} cores per rank"
+    if per_rank < 2:
+        return 0, "one core per rank: decoding in the main process"
+    return 1, f"{per_rank} cores per rank: one decodes images"
+
+
+def configure_threads(workers: int, device: torch.device) -> tuple[int, str]:
+    """Set torch's intra-op threads so that threads x processes never exceed the cores (on CPU).
+
+    Each rank gets ``cores // local ranks`` cores; its DataLoader workers run one thread each (PyTorch sets that in
+    every worker), so the main process takes what is left. Oversubscribed OpenMP threads spin waiting for a
+    descheduled sibling and made whole epochs 5-10x slower on a 2-core machine. ``OMP_NUM_THREADS`` set by the user
+    wins.
+    """
+    if "OMP_NUM_THREADS" in os.environ and "TPM_FAST_THREADS" not in os.environ:
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    per_rank = max(1, cpu_cores() // local_world_size())
+    threads = int(os.environ.get("TPM_FAST_THREADS", 0)) or max(1, per_rank - (workers if device.type == "cpu" else 0))
+    torch.set_num_threads(threads)
+    return threads, f"{per_rank} cores per rank, {workers} worker(s)"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True when ``device`` computes bf16 matrix products in hardware (CUDA sm_80+; CPUs with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(p is not None for p in probes):
+        return any(p() for p in probes if p is not None)
+    try:  # older torch: read the CPU flags
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def choose_precision(requested: str, device: torch.device, hidden_size: int) -> tuple[str, str]:
+    """``bf16`` (bf16 weights and activations, fp32 master weights) where the hardware multiplies bf16 natively and
+    the model is large enough for it to pay, else ``fp32``.
+
+    Below a hidden size of 256 the products are too small to gain on CPU: the embedded default (hidden 128) ran
+    155 posts/s in bf16 against 181 in fp32.
+    """
+    if requested != "auto":
+        if requested == "bf16" and device.type == "cpu" and not native_bf16(device):
+            return requested, "asked for (this CPU has no bf16 instructions: slower than fp32)"
+        return requested, "asked for"
+    if not native_bf16(device):
+        return "fp32", f"{device.type} has no native bf16"
+    if device.type == "cpu" and hidden_size < 256:
+        return "fp32", f"hidden size {hidden_size} < 256: too small for bf16 to pay on CPU"
+    return "bf16", "native bf16 on this " + ("GPU" if device.type == "cuda" else "CPU (AVX512-BF16/AMX)")
+
+
+def choose_bucketing(requested: str, padding_share: float) -> tuple[bool, str]:
+    """Length-bucketed training batches (True) or random ones, and why.
+
+    Bucketing saves the compute that padding wastes, but it changes what a batch holds (posts of about one length):
+    on the embedded corpus (where padding takes 11 % of the FLOPs) it widened the seed-to-seed spread of dev F1 and
+    lowered its mean by ~2 points (``bench/README.md``). ``auto`` therefore buckets only where random batches would
+    spend at least a quarter of the step's model FLOPs on padding (``tpm_fast.flops.padding_share``): text-only
+    steps such as BERT-CRF on tweets (~40 %), not steps dominated by ViT on the images (5-11 %).
+    """
+    if requested != "auto":
+        return requested == "on", "asked for"
+    share = f"random batches would spend {padding_share:.0%} of the model FLOPs on padding"
+    if padding_share >= BUCKET_MIN_SAVING:
+        return True, share
+    return False, f"{share}, < {BUCKET_MIN_SAVING:.0%}: not worth changing what a batch holds"
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of one rank's device: the GPU's, or the machine's RAM shared by the local ranks."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return pages // local_world_size()
+
+
+def choose_zero_stage(
+    requested: str, world: int, n_params: int, device: torch.device, precision: str = "fp32"
+) -> tuple[str, str]:
+    """``"off"`` (no DeepSpeed engine), or the ZeRO stage ``"0"``..``"3"`` to run DeepSpeed with.
+
+    - One rank: ``off``. ZeRO partitions across ranks; with one there is nothing to partition and the engine only
+      adds time per step (``bench/README.md``, one CPU rank, text mode: +9 % for stage 0 to +23 % for stage 3 at
+      batch 32, +31 % to +184 % at batch 4).
+    - Several ranks, fp32 model state (16 bytes a parameter) within a quarter of a rank's memory: stage 0, plain
+      data parallel. ZeRO-1/2 move as many bytes per step (a reduce-scatter plus an all-gather = one all-reduce)
+      and only save memory that is not short; on 2 CPU ranks stage 0 ran as fast as ZeRO-1 (``bench/scaling.py``).
+      With bf16 the fp32 master weights live in the ZeRO optimizer: ZeRO-1.
+    - Larger models: ZeRO-2 (gradients and optimizer state partitioned) while the weights fit, else ZeRO-3 (50 %
+      more traffic: the weights are gathered in the forward and again in the backward).
+    """
+    if requested != "auto":
+        return requested, "asked for"
+    if world == 1:
+        return "off", "one rank: ZeRO has nothing to partition, so the DeepSpeed engine is bypassed"
+    memory, state = device_memory(device), MODEL_STATE_BYTES * n_params
+    gb = f"{state / 2**30:.1f} GB of model state, {memory / 2**30:.0f} GB per rank"
+    if state <= memory // 4:
+        if precision == "bf16":
+            return "1", f"{world} ranks, {gb}: ZeRO-1 (data-parallel traffic; bf16 keeps fp32 master weights there)"
+        return "0", f"{world} ranks, {gb}: plain data parallel (ZeRO would save memory that is not short)"
+    if 4 * n_params + (state - 4 * n_params) // world <= memory // 4:
+        return "2", f"{world} ranks, {gb}: ZeRO-2 (gradients and optimizer state partitioned)"
+    return "3", f"{world} ranks, {gb}: ZeRO-3 (weights partitioned too)"
