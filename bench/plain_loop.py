@@ -4,7 +4,7 @@ HF ``BertModel`` + linear emissions + pytorch-crf, ``torch.optim.AdamW`` (lr 5e-
 batches padded to their longest post, fp32, torch's default threads, no DeepSpeed. Same data and tokenization as
 ``train.py`` (``MNERDataset``), dev F1 scored the same way (seqeval on first pieces). Prints one JSON line per epoch.
 
-    python bench/plain_loop.py --data-dir ../shared/data/twitter2015 --dataset twitter2015 --bert-model MINILM \\
+    python bench/plain_loop.py --data-dir TWITTER2015_DIR --dataset twitter2015 --bert-model MINILM \\
         --epochs 1 --batch-size 32
 """
 

@@ -42,7 +42,6 @@ import ctypes
 import gc
 import itertools
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -156,17 +155,13 @@ def ours(mode: str, bert: BertConfig, vit: ViTConfig | None, fused_adamw: bool, 
 
 @pytest.fixture(scope="module")
 def distributed():
-    """One gloo rank for deepspeed.initialize (the engine providers)."""
+    """One rank for deepspeed.initialize (the engine providers), started as train.py starts it."""
     import deepspeed
 
+    from train import init_distributed
+
     if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        for key, value in env.items():
-            os.environ.setdefault(key, value)
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_distributed()
     return deepspeed
 
 

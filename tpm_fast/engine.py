@@ -105,19 +105,16 @@ def predict_tags(
     stats: ImageStats | None = None,
     desc: str = "eval",
     progress: bool = True,
-    autocast_dtype: torch.dtype | None = None,
 ) -> list[list[str]]:
     """Viterbi-decode an unshuffled loader of an :class:`MNERDataset`: one tag string per word of each post.
 
-    The image events of the batches (repaired, missing, ...) are added to ``stats`` when given. ``autocast_dtype``
-    (e.g. bf16) runs the encoders under autocast, as in training; the CRF always decodes in fp32.
+    The image events of the batches (repaired, missing, ...) are added to ``stats`` when given.
     """
     was_training = model.training
     model.eval()
     posts, pred = loader.dataset.posts, []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            tags, _ = model.decode(to_device(batch, device, image_dtype))
+        tags, _ = model.decode(to_device(batch, device, image_dtype))
         if stats is not None:
             stats.merge(ImageStats(**batch["image_events"]))
         n_words = [len(posts[i].words) for i in batch["index"].tolist()]

@@ -1,4 +1,4 @@
-"""TPM-MI: prompted BERT + multi-image prefixes + CRF (paper section 4; DESIGN section 2)."""
+"""TPM-MI: prompted BERT + multi-image prefixes + CRF (paper section 4)."""
 
 from __future__ import annotations
 
@@ -121,20 +121,13 @@ class TPMMI(nn.Module):
         return self.bert.config.max_position_embeddings - shift
 
     def emission_scores(self, batch: dict) -> Tensor:
-        """(B, n, num_tags) fp32 emission scores of a collated batch.
-
-        Under ``torch.autocast`` the encoders run in the autocast dtype and the emission layer outside it, in its
-        weights' dtype (fp32, unless the whole model was converted to bf16); the scores are returned in fp32 for the
-        CRF's log-space sums.
-        """
+        """(B, n, num_tags) emission scores of a collated batch."""
         prefix = None
         if self.images is not None:
             prefix = self.images(batch["pixel_values"], batch["image_post"], batch["image_slot"], batch["image_mask"])
         ids, mask = batch["input_ids"], batch["attention_mask"]
         hidden = prompted_bert(self.bert, ids, mask, prefix, self.config.shift_positions, self.backend)  # (B, n, d_t)
-        with torch.autocast(hidden.device.type, enabled=False):
-            hidden = self.dropout(hidden).to(self.emissions.weight.dtype)
-            return self.emissions(hidden).float()  # shape: (B, n, num_tags)
+        return self.emissions(self.dropout(hidden))  # shape: (B, n, num_tags)
 
     def forward(self, batch: dict, decode: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Mean over the batch of the negative CRF log-likelihood (a scalar), as in the authors' code.
@@ -142,13 +135,12 @@ class TPMMI(nn.Module):
         With ``decode=True`` also the Viterbi tags (B, n) long of the same emissions (the authors decode every
         training step for a train-set F1; here only when asked).
         """
-        emissions = self.emission_scores(batch)  # shape: (B, n, T)
+        emissions = self.emission_scores(batch).float()  # shape: (B, n, T)
         mask = batch["attention_mask"]  # collate's masks are left-aligned with [CLS] on: no host-side check
-        with torch.autocast(emissions.device.type, enabled=False):  # the CRF runs in fp32 under autocast too
-            loss = -self.crf(emissions, batch["labels"], mask, reduction="mean", validate=False)
-            if not decode:
-                return loss
-            return loss, self.crf.decode(emissions.detach(), mask, as_tensor=True, validate=False)[0]
+        loss = -self.crf(emissions, batch["labels"], mask, reduction="mean", validate=False)
+        if not decode:
+            return loss
+        return loss, self.crf.decode(emissions.detach(), mask, as_tensor=True, validate=False)[0]
 
     @torch.no_grad()
     def decode(self, batch: dict) -> tuple[Tensor, Tensor]:
@@ -157,9 +149,8 @@ class TPMMI(nn.Module):
         ``crf.decode`` is not a module forward, so ZeRO-3 hooks do not gather the CRF parameters for it; they are
         below ZeRO-3's ``stage3_param_persistence_threshold`` (T^2 + 2T << 1e5 values) and are never partitioned.
         """
-        emissions = self.emission_scores(batch)  # shape: (B, n, T)
-        with torch.autocast(emissions.device.type, enabled=False):
-            return self.crf.decode(emissions, batch["attention_mask"], as_tensor=True, validate=False)
+        emissions = self.emission_scores(batch)
+        return self.crf.decode(emissions.float(), batch["attention_mask"], as_tensor=True, validate=False)
 
 
 def _pretrained(cls, name: str, **kwargs):

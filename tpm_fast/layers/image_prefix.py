@@ -1,4 +1,4 @@
-"""Images of a post -> per-layer prefix keys/values (TPM-MI, paper section 4, DESIGN section 2 steps 1-4)."""
+"""Images of a post -> per-layer prefix keys/values (TPM-MI, paper section 4)."""
 
 from __future__ import annotations
 
