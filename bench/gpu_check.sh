@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a session that has a GPU machine (torch + Triton installed there):
 # the kernel tests compiled for the GPU (not interpreted), the kernel benchmarks, then the whole training step
-# (authors' recipe vs TPM-MI, samples/s, peak memory, MFU, GPU busy share); logs and results under $OUT.
+# (authors' recipe vs TPM-MI, samples/s, peak memory, MFU, GPU busy share), the first-use self-checks; logs and
+# results under $OUT.
 #   bash bench/gpu_check.sh            # OUT defaults to bench/results; about 8 minutes on an H100/H200
 # Needs pytorch-crf (the CRF oracle and the authors' recipe) where the machine lacks it: `pip wheel --no-deps -w
 # wheels pytorch-crf` here (pure Python, 10 kB), carry wheels/, and it is installed first. DeepSpeed is optional
@@ -14,7 +15,22 @@ export TRITON_INTERPRET=0 PIP_DISABLE_PIP_VERSION_CHECK=1
 ls wheels/*.whl >/dev/null 2>&1 && pip install -q --no-deps wheels/*.whl
 pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1  # maps kernels/ to tpm_fast.kernels
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
-tests=(tests/test_prefix_attention.py tests/test_crf.py tests/test_crf_layer.py tests/test_hf_attention.py
+# the first-use self-check of each fused op on this device (what backend="auto" runs before picking Triton), timed
+python - <<'PY' 2>&1 | tee "$out/self_check.txt"
+import time, torch
+from tpm_fast.ops import crf, prefix_attention  # registers the checks
+from tpm_fast.ops.backend import _SELF_CHECKS
+dev = torch.device("cuda", torch.cuda.current_device())
+for op, check in _SELF_CHECKS.items():
+    for dtype in (torch.float32, torch.bfloat16):
+        for run in ("first (compiles)", "again"):
+            start = time.perf_counter()
+            problem = check(dev, dtype)
+            torch.cuda.synchronize()
+            took = time.perf_counter() - start
+            print(f"self-check {op} {dtype} on {torch.cuda.get_device_name()}, {run}: {problem or 'passed'} ({took:.3f} s)")
+PY
+tests=(tests/test_prefix_attention.py tests/test_crf.py tests/test_crf_layer.py tests/test_hf_attention.py tests/test_backend.py
        tests/test_prompted_bert.py tests/test_model.py tests/test_reference_crf.py tests/test_reference_prefix_attention.py
        tests/test_profiling.py tests/test_flops.py)
 timeout 200 python -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 | tail -40 | tee "$out/gpu_tests.log"

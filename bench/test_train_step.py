@@ -57,7 +57,7 @@ from tpm_fast.data.dataset import collate
 from tpm_fast.engine import optimizer_and_schedule, to_device
 from tpm_fast.flops import padding_share, peak_flops, step_flops
 from tpm_fast.model import TINY_BERT, TINY_VIT, TPMConfig, build_model
-from tpm_fast.ops._backend import interpreting, triton_available
+from tpm_fast.ops.backend import interpreting, triton_available
 from tpm_fast.plain_engine import PlainEngine
 from tpm_fast.profiling import count_kernel_ops, count_triton_launches
 from tpm_fast.runtime import choose_bucketing, choose_precision, native_bf16

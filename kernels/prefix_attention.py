@@ -1,152 +1,200 @@
-"""Fused prefix-K/V attention in Triton (flash-attention style), forward and backward, no autograd.
+"""Fused prefix-K/V attention in Triton (FlashAttention-2 style): raw launchers, no autograd, no validation.
 
 out = softmax(scale * q [k_p; k]^T + mask) [v_p; v]: one online softmax over the m prefix slots (always visible,
-read through their own pointers and strides) followed by the token keys, which are visited only up to
-``lengths[b]`` (fully padded key blocks are skipped). K/V are never concatenated in memory. Loads are cast to
-fp32 (scores, softmax and accumulation run in fp32; Triton's interpreter computes bf16 arithmetic wrongly);
-``tl.dot`` runs in TF32 for 16-bit inputs (exact for their operands) and in IEEE fp32 when any input is fp32.
+read through their own pointers) followed by the token keys, which are visited only up to ``lengths[b]`` (fully
+padded key blocks are skipped). K/V are never concatenated in memory. Forward + backward = 3 launches
+(`_fwd_kernel`; `_bwd_dq_kernel`, which also computes delta = rowsum(dO * O); `_bwd_dkdv_kernel`, whose first key
+block program also owns the prefix slots).
+
+Precision: 16-bit inputs go to the tensor cores as 16-bit with fp32 accumulation (P and dS rounded to 16-bit as in
+FlashAttention-2); fp32 inputs use exact fp32 (``ieee``) dots. Under ``TRITON_INTERPRET=1`` loads are cast to fp32
+(the interpreter's 16-bit arithmetic is wrong) and the key / query loops are ``while`` loops (it cannot run
+``range()`` over runtime bounds with numpy >= 2.4); compiled code uses ``tl.range`` loops, software-pipelined.
 
 Optional attention dropout regenerates its keep-mask from ``(seed, offset)`` with Philox (``tl.rand``), offset
-``((b * H + h) * n + row) * (m + n_k) + col`` over the joined columns (prefix first); nothing is stored.
+``((b * H + h) * n + row) * (m + n_k) + col`` over the joined columns (prefix first); the seed is a (1,) int64
+device tensor (drawn without a host sync); nothing else is stored.
 
-Loops over runtime bounds are ``while`` loops: Triton 3.6's interpreter cannot run ``range()`` over a runtime
-bound with numpy >= 2.4 (``int()`` of its 1-element scalar arrays raises). Both forms are valid GPU Triton; only
-``for`` loops get software pipelining, which matters little at these sizes (n <= 512: a few blocks per loop).
-The autograd / custom-op wiring lives in :mod:`tpm_fast.ops.prefix_attention`.
+Launch contract (established once per call by :func:`canonical_inputs`, so the launchers only allocate and launch):
+one dtype for q, k, v, k_p, v_p; unit last-dim strides; v shares k's strides and v_p shares k_p's ("one stride set
+per tensor family": q / out / dO / dQ, k / v / dK / dV, k_p / v_p / dK_p / dV_p); q dense, so ``empty_like(q)`` has
+its strides (an output in the (B, n, H, d) memory order of a projection makes the merge of heads a free view).
 """
 
 from __future__ import annotations
 
-import math
-import os
+from typing import NamedTuple
 
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 from tpm_fast.kernels.prefix_attention_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel
 from tpm_fast.kernels.prefix_attention_fwd import _dropout_keep_kernel, _fwd_kernel
 
-__all__ = ["block_config", "dropout_keep_mask", "prefix_attention_bwd", "prefix_attention_fwd"]
+__all__ = [
+    "LaunchPlan",
+    "block_config",
+    "canonical_inputs",
+    "dropout_keep_mask",
+    "launch_prefix_attention_bwd",
+    "launch_prefix_attention_fwd",
+    "plan_launches",
+]
+
+_META: dict[tuple, dict] = {}
 
 
-def block_config(d: int, fp32: bool = False, interpret: bool | None = None) -> dict:
-    """Block sizes / launch settings per kernel for head dim ``d`` (the one place they are chosen; no autotuning).
-
-    Args:
-        d: head dim; fp32: any fp32 input (FMA ``ieee`` dots: smaller tiles, more warps);
-        interpret: Triton interpreter (default: read TRITON_INTERPRET): 16-wide blocks, so small test shapes span
-            several blocks.
+def block_config(d: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Block sizes and launch settings per kernel for head dim ``d`` and input ``dtype`` (no autotuning).
 
     Returns:
-        {"fwd" | "dkdv" | "dq": {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}}: BLOCK_M = query rows (per
-        program for fwd / dq, per loop step for dkdv), BLOCK_N = token keys (per loop step for fwd / dq, per program
-        for dkdv). GPU choices: no register spills in ptxas -v for sm_90 at d = 64 (16-bit inputs, mask + dropout
-        on), few elsewhere; not yet timed on a GPU.
+        {"fwd" | "dq" | "dkdv": {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}}: BLOCK_M = query rows (per
+        program for fwd / dq, per loop step for dkdv), BLOCK_N = token keys (per loop step for fwd / dq, per
+        program for dkdv). Chosen so that ``bench/kernel_report.py`` shows no register spill at d <= 64 on sm_80 and
+        sm_90; not yet timed on a GPU. The interpreter gets 16-wide blocks (small test shapes span several blocks).
     """
-    if interpret is None:
-        interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if interpret:
-        cfg = (16, 16, 4)
-        return {
-            name: dict(zip(("BLOCK_M", "BLOCK_N", "num_warps"), cfg), num_stages=1) for name in ("fwd", "dkdv", "dq")
-        }
-    if fp32:
-        table = {"fwd": (32, 32, 8), "dkdv": (32, 64, 8), "dq": (32, 32, 8)}
-    elif d <= 64:
-        table = {"fwd": (64, 64, 4), "dkdv": (32, 64, 8), "dq": (64, 32, 4)}
+        return {name: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1) for name in ("fwd", "dq", "dkdv")}
+    fp32 = dtype == torch.float32  # exact FMA dots: small tiles
+    if fp32 and d <= 32:
+        table = {"fwd": (32, 32, 4, 2), "dq": (32, 32, 8, 2), "dkdv": (16, 32, 4, 2)}
+    elif fp32 and d <= 64:
+        table = {"fwd": (32, 32, 4, 2), "dq": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2)}
+    elif fp32:
+        table = {"fwd": (16, 32, 8, 2), "dq": (16, 32, 8, 2), "dkdv": (32, 32, 8, 2)}
+    elif d <= 64:  # 16-bit: tensor-core tiles, 3-stage pipelines
+        table = {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 3)}
     else:
-        table = {"fwd": (32, 32, 8), "dkdv": (32, 32, 8), "dq": (64, 32, 8)}
-    return {
-        name: {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": 2}
-        for name, (bm, bn, warps) in table.items()
-    }
+        table = {"fwd": (64, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (16, 32, 4, 2)}
+    keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+    return {name: dict(zip(keys, cfg)) for name, cfg in table.items()}
 
 
-# ---------------------------------------------------------------------------------------------------- launchers
+def _meta(d: int, m: int, dtype: torch.dtype, has_mask: bool, has_lengths: bool, has_dropout: bool) -> dict:
+    """Constexprs + launch options per kernel, cached (computed once per configuration, not per call)."""
+    interpret = isinstance(_fwd_kernel, InterpretedFunction)
+    key = (d, m, dtype, has_mask, has_lengths, has_dropout, interpret)
+    meta = _META.get(key)
+    if meta is None:
+        common = dict(HEAD_D=d, BLOCK_P=max(16, triton.next_power_of_2(m)), HAS_MASK=has_mask,
+                      HAS_LENGTHS=has_lengths, HAS_DROPOUT=has_dropout, INTERPRET=interpret)  # fmt: skip
+        meta = {name: {**common, **cfg} for name, cfg in block_config(d, dtype, interpret).items()}
+        _META[key] = meta
+    return meta
 
 
-def _check(q: Tensor, k: Tensor, k_p: Tensor) -> tuple[int, int, int, int, int, int]:
+def _like(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` with ``ref``'s strides (a copy only when they differ)."""
+    if t.stride() == ref.stride():
+        return t
+    out = torch.empty_like(ref, dtype=t.dtype)
+    return out.copy_(t)
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense with a unit last-dim stride: ``empty_like(t)`` then has ``t``'s strides."""
+    if t.is_contiguous() or t.transpose(1, 2).is_contiguous():  # fast path: (B, H, n, d) or heads of (B, n, H, d)
+        return t.stride(-1) == 1
+    if t.stride(-1) != 1:
+        return False
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: (p[1], p[0])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def canonical_inputs(q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor) -> tuple[Tensor, ...]:
+    """The five inputs in the launch contract's layout (see the module doc): views as given when they already are
+    (the usual case: projections split into heads), otherwise copies. Dtypes must already agree."""
+    out = []
+    for head, tail in ((q, None), (k, v), (k_p, v_p)):
+        if not _dense(head):
+            head = head.contiguous()
+        out.append(head)
+        if tail is not None:
+            out.append(_like(tail, head))
+    return tuple(out)
+
+
+class LaunchPlan(NamedTuple):
+    """What the three launches of one call share: computed once by the forward, reused by the backward (launched
+    with ``kernel.run(..., grid=...)``: ``kernel[grid]`` would build a closure per launch)."""
+
+    meta: dict  # kernel name -> constexprs and launch options
+    mask: Tensor | None  # shape: (B, n_k) uint8 view of the bool mask, unit column stride
+    scalars: tuple  # the kernels' stride and scalar arguments, in order
+    grids: dict  # kernel name -> grid
+
+
+def plan_launches(
+    q: Tensor, k: Tensor, k_p: Tensor, key_padding_mask: Tensor | None, lengths: Tensor | None, dropout_p: float,
+    scale: float,
+) -> LaunchPlan:  # fmt: skip
+    """The :class:`LaunchPlan` of one call (inputs in the contract's layout; arguments as in the launchers)."""
     b, h, n, d = q.shape
     n_k, m = k.shape[2], k_p.shape[2]
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"the Triton prefix-attention kernel needs a head dim that is a power of 2 >= 16, got {d}")
-    for t in (q, k, k_p):
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"the Triton prefix-attention kernel supports fp32/fp16/bf16, got {t.dtype}")
-    return b, h, n, n_k, m, d
+    meta = _meta(d, m, q.dtype, key_padding_mask is not None, lengths is not None, dropout_p > 0.0)
+    mask, smb = key_padding_mask, 0
+    if mask is not None:
+        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mask = mask if mask.stride(1) == 1 else mask.contiguous()
+        smb = mask.stride(0)
+    sq, sk, sp = q.stride(), k.stride(), k_p.stride()
+    scalars = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sp[0], sp[1], sp[2], smb, h, n, n_k, m, scale, dropout_p)
+    grids = {
+        "fwd": (-(-n // meta["fwd"]["BLOCK_M"]), b * h),
+        "dq": (-(-n // meta["dq"]["BLOCK_M"]), b * h),
+        "dkdv": (max(-(-n_k // meta["dkdv"]["BLOCK_N"]), 1), b * h),  # program 0 also owns the prefix
+    }
+    return LaunchPlan(meta, mask, scalars, grids)
 
 
-def _settings(d: int, m: int, tensors, block_m: int | None, block_n: int | None) -> dict:
-    fp32 = any(t.dtype == torch.float32 for t in tensors)
-    cfg = block_config(d, fp32)
-    for kernel in cfg.values():
-        kernel["BLOCK_M"] = block_m or kernel["BLOCK_M"]
-        kernel["BLOCK_N"] = block_n or kernel["BLOCK_N"]
-        kernel["BLOCK_P"] = max(16, triton.next_power_of_2(max(m, 1)))
-        kernel["DOT_PREC"] = "ieee" if fp32 else "tf32"
-    return cfg
-
-
-def _mask_args(key_padding_mask: Tensor | None, lengths: Tensor) -> tuple[Tensor, int, int]:
-    if key_padding_mask is None:
-        return lengths, 0, 0  # dummy pointer, never read (HAS_MASK = False)
-    mask = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
-    return mask, mask.stride(0), mask.stride(1)
-
-
-def prefix_attention_fwd(
+def launch_prefix_attention_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     k_p: Tensor,
     v_p: Tensor,
-    lengths: Tensor,
-    key_padding_mask: Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    seed: int = 0,
-    block_m: int | None = None,
-    block_n: int | None = None,
+    key_padding_mask: Tensor | None,
+    lengths: Tensor | None,
+    seed: Tensor | None,
+    dropout_p: float,
+    scale: float,
+    plan: LaunchPlan | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Forward launch. Inputs may be any strided views (all four strides are passed to the kernel).
+    """Forward launch (inputs in the contract's layout, see :func:`canonical_inputs`).
 
     Args:
-        q: (B, H, n, d); k, v: (B, H, n_k, d); k_p, v_p: (B, H, m, d) prefix (always visible), fp32/fp16/bf16,
-            d a power of 2 >= 16, m >= 0.
-        lengths: (B,) int32/int64 on q's device: token keys [0, lengths[b]) may be visible; the key loop stops
-            there (values are clamped to [0, n_k]).
-        key_padding_mask: optional (B, n_k) bool, True = visible; ANDed with ``lengths`` (so pass lengths >= the
-            last True index + 1).
-        dropout_p: attention-probability dropout in [0, 1), keep-mask from Philox(seed, offset) (see module doc).
-        scale: score scale, default 1 / sqrt(d).
-        seed: Philox seed (used only when dropout_p > 0).
-        block_m, block_n: optional block-size overrides (powers of 2 >= 16), for tests.
+        q: (B, H, n, d); k, v: (B, H, n_k, d); k_p, v_p: (B, H, m, d) prefix (always visible); one dtype
+            (fp32/fp16/bf16), d a power of 2 >= 16, m >= 0.
+        key_padding_mask: optional (B, n_k) bool, True = visible; ANDed with ``lengths``.
+        lengths: optional (B,) int32/int64 on q's device: token keys [0, lengths[b]) may be visible; the key
+            loop stops there (values are clamped to [0, n_k]). None: all n_k keys (subject to the mask).
+        seed: (1,) int64 Philox seed on q's device (read only when dropout_p > 0).
+        dropout_p: attention-probability dropout in [0, 1); scale: score scale.
+        plan: :func:`plan_launches` of these arguments (computed here when None).
 
     Returns:
-        out (B, H, n, d) in q's dtype, contiguous (0 for rows with no visible key); lse (B, H, n) fp32 per-row
-        log-sum-exp of the scaled scores in log2 units, log2(sum_j exp(scale * q.k_j)) = natural LSE * log2(e)
-        (+inf for rows with no visible key), consumed by the backward.
+        out (B, H, n, d) in q's dtype and strides (0 for rows with no visible key); lse (B, H, n) fp32 contiguous,
+        per-row log-sum-exp of the scaled scores in log2 units (+inf for rows with no visible key).
     """
-    b, h, n, n_k, m, d = _check(q, k, k_p)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    cfg = _settings(d, m, (q, k, v, k_p, v_p), block_m, block_n)
-    out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    if n == 0 or b * h == 0:
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if not out.numel():
         return out, lse
-    mask, smb, smn = _mask_args(key_padding_mask, lengths)
-    fwd = cfg["fwd"]
-    _fwd_kernel[(triton.cdiv(n, fwd["BLOCK_M"]), b * h)](
-        q, k, v, k_p, v_p, mask, lengths, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *k_p.stride(), *v_p.stride(), *out.stride(), smb, smn,
-        h, n, n_k, m, scale, float(dropout_p), int(seed), HEAD_D=d,
-        HAS_MASK=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0, **fwd,
+    plan = plan or plan_launches(q, k, k_p, key_padding_mask, lengths, dropout_p, scale)
+    _fwd_kernel.run(
+        q, k, v, k_p, v_p, _or(plan.mask, q), _or(lengths, q), _or(seed, q), out, lse, *plan.scalars,
+        grid=plan.grids["fwd"], warmup=False, **plan.meta["fwd"],
     )  # fmt: skip
     return out, lse
 
 
-def prefix_attention_bwd(
+def launch_prefix_attention_bwd(
     grad_out: Tensor,
     q: Tensor,
     k: Tensor,
@@ -155,60 +203,50 @@ def prefix_attention_bwd(
     v_p: Tensor,
     out: Tensor,
     lse: Tensor,
-    lengths: Tensor,
-    key_padding_mask: Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    seed: int = 0,
-    block_m: int | None = None,
-    block_n: int | None = None,
+    key_padding_mask: Tensor | None,
+    lengths: Tensor | None,
+    seed: Tensor | None,
+    dropout_p: float,
+    scale: float,
+    plan: LaunchPlan | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward launch (same arguments as :func:`prefix_attention_fwd` plus its outputs and ``grad_out``).
-
-    Args:
-        grad_out: (B, H, n, d) gradient of ``out`` (any strides); out, lse: what the forward returned.
+    """Backward launches: dQ (+ delta), then dK/dV (+ the prefix's). Arguments as in the forward, plus its outputs
+    and ``grad_out`` (B, H, n, d) (copied into q's strides only if it has others).
 
     Returns:
-        (dq, dk, dv, dk_p, dv_p), contiguous, each in its input's dtype; padded keys get exactly 0. The dropout
-        keep-mask is regenerated from ``seed``.
+        (dq, dk, dv, dk_p, dv_p) with the strides and dtypes of (q, k, v, k_p, v_p); padded keys get exactly 0.
     """
-    b, h, n, n_k, m, d = _check(q, k, k_p)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    cfg = _settings(d, m, (q, k, v, k_p, v_p), block_m, block_n)
-    dq, dk, dv, dk_p, dv_p = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, k_p, v_p))
-    if n == 0 or b * h == 0:
-        for t in (dk, dv, dk_p, dv_p):
-            t.zero_()
-        return dq, dk, dv, dk_p, dv_p
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # shape: (B, H, n) fp32, rowsum(dO * O)
-    lse = lse.contiguous()
-    mask, smb, smn = _mask_args(key_padding_mask, lengths)
-    common = dict(
-        H=h, N_Q=n, N_K=n_k, M=m, scale=scale, dropout_p=float(dropout_p), seed=int(seed), HEAD_D=d,
-        HAS_MASK=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk_p, dv_p = torch.empty_like(k_p), torch.empty_like(v_p)
+    if not dq.numel():
+        return dq, dk.zero_(), dv.zero_(), dk_p.zero_(), dv_p.zero_()
+    grad_out = _like(grad_out, q)
+    plan = plan or plan_launches(q, k, k_p, key_padding_mask, lengths, dropout_p, scale)
+    delta = torch.empty_like(lse)  # shape: (B, H, n) fp32, rowsum(dO * O), written by the dQ kernel
+    mask, lengths, seed = _or(plan.mask, q), _or(lengths, q), _or(seed, q)
+    _bwd_dq_kernel.run(
+        q, k, v, k_p, v_p, mask, lengths, seed, out, grad_out, lse, delta, dq, *plan.scalars,
+        grid=plan.grids["dq"], warmup=False, **plan.meta["dq"],
     )  # fmt: skip
-    strides = (*q.stride(), *k.stride(), *v.stride(), *k_p.stride(), *v_p.stride(), *grad_out.stride())
-    dkdv, dqc = cfg["dkdv"], cfg["dq"]
-    _bwd_dkdv_kernel[(triton.cdiv(n_k, dkdv["BLOCK_N"]) + 1, b * h)](
-        q, k, v, k_p, v_p, mask, lengths, grad_out, lse, delta, dk, dv, dk_p, dv_p,
-        *strides, *dk.stride(), *dv.stride(), *dk_p.stride(), *dv_p.stride(), smb, smn, **common, **dkdv,
+    _bwd_dkdv_kernel.run(
+        q, k, v, k_p, v_p, mask, lengths, seed, grad_out, lse, delta, dk, dv, dk_p, dv_p, *plan.scalars,
+        grid=plan.grids["dkdv"], warmup=False, **plan.meta["dkdv"],
     )  # fmt: skip
-    _bwd_dq_kernel[(triton.cdiv(n, dqc["BLOCK_M"]), b * h)](
-        q, k, v, k_p, v_p, mask, lengths, grad_out, lse, delta, dq, *strides, *dq.stride(), smb, smn, **common, **dqc
-    )
     return dq, dk, dv, dk_p, dv_p
 
 
-def dropout_keep_mask(
-    b: int, h: int, n: int, m: int, n_k: int, dropout_p: float, seed: int, device: torch.device | str = "cpu"
-) -> Tensor:
-    """The keep-mask the kernels use for (seed, dropout_p): (B, H, n, m + n_k) bool, prefix columns first.
+def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
+    return dummy if t is None else t  # a pointer the kernel never reads
+
+
+def dropout_keep_mask(b: int, h: int, n: int, m: int, n_k: int, dropout_p: float, seed: Tensor) -> Tensor:
+    """The keep-mask the kernels use for (seed, dropout_p): (B, H, n, m + n_k) bool on seed's device, prefix first.
 
     Element [b, h, i, j] is ``tl.rand(seed, ((b * H + h) * n + i) * (m + n_k) + j) >= dropout_p``; the kept
     probabilities are scaled by 1 / (1 - dropout_p).
     """
-    keep = torch.empty((b, h, n, m + n_k), dtype=torch.uint8, device=device)
+    keep = torch.empty((b, h, n, m + n_k), dtype=torch.uint8, device=seed.device)
     if keep.numel():
         grid = (triton.cdiv(n, 16), triton.cdiv(m + n_k, 64), b * h)
-        _dropout_keep_kernel[grid](keep, n, m + n_k, float(dropout_p), int(seed), BLOCK_M=16, BLOCK_N=64)
+        _dropout_keep_kernel[grid](keep, seed, n, m + n_k, float(dropout_p), BLOCK_M=16, BLOCK_N=64)
     return keep.bool()

@@ -1,8 +1,15 @@
 """Backward jit kernels of the fused prefix-K/V attention (launched by :mod:`tpm_fast.kernels.prefix_attention`).
 
-dK/dV per key block (program 0: the prefix block) looping over the query blocks, and dQ per query block looping
-over the prefix and the visible key blocks. Probabilities are recomputed from the forward's log2 LSE; the dropout
-keep-mask is regenerated from the seed.
+Two launches, in this order (FlashAttention-2's split, with its preprocess folded in):
+
+1. dQ per query block, looping over the prefix and the visible key blocks. It also computes ``delta = rowsum(dO * O)``
+   for its rows (the FA-2 preprocess) and stores it for the second kernel.
+2. dK/dV per token key block, looping over the query blocks; the program of the first key block also computes the
+   prefix slots' dK_p/dV_p (so the m prefix keys need no programs of their own).
+
+Probabilities are recomputed from the forward's log2 LSE; the dropout keep-mask is regenerated from the seed.
+16-bit operands go to the tensor cores as 16-bit (P and dS rounded to the input dtype, FA-2 style), fp32 inputs use
+exact fp32 dots; accumulation is fp32.
 """
 
 from __future__ import annotations
@@ -10,165 +17,159 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tpm_fast.kernels.prefix_attention_fwd import LOG2E, _keep
+from tpm_fast.kernels.prefix_attention_fwd import LOG2E, _keep, _key_bound, _load, _visible
 
 
 @triton.jit
-def _bwd_kv_block(
-    q_base, do_base,  # shape: (n, D) rows of this (b, h)
-    lse_base, delta_base,  # shape: (n,) fp32
-    k_base, v_base,  # shape: (BLOCK_KV, D) rows
-    stride_qm, stride_qd, stride_dom, stride_dod, stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_kv, col_ok, cols, row_base, N_Q, n_cols, scale, dropout_p, seed,
-    HEAD_D: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+def _kv_step(
+    dk, dv, kt, vt,  # shapes: (BLOCK_KV, D) fp32 x2, (D, BLOCK_KV) input dtype x2
+    q_base, do_base, lse_base, delta_base,  # shapes: (n, D) rows of this (b, h) x2, (n,) fp32 x2
+    stride_qm, start_m, col_ok, cols, row_base, N_Q, n_cols, qk_scale, dropout_p, seed,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DROPOUT: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV (BLOCK_KV, D) fp32 of one key block, looping over all query blocks.
+    """One query block's contribution to a key block's dK (unscaled) and dV.
 
     Scores are recomputed exactly as in the forward (``dot(q, k^T)``, same operand order), so p = exp2(s2 - lse2)
     matches the forward's bits even for huge logits; the products with p / dS then use their transposes.
     """
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    row_ok = offs_m < N_Q
+    rows = offs_m[:, None] * stride_qm + offs_d[None, :]  # shape: (BLOCK_M, D)
+    q = _load(q_base + rows, row_ok[:, None], INTERPRET)
+    do = _load(do_base + rows, row_ok[:, None], INTERPRET)
+    lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))  # shape: (BLOCK_M,)
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    s = tl.dot(q, kt, input_precision="ieee") * qk_scale  # shape: (BLOCK_M, BLOCK_KV)
+    p = tl.where(col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, vt, input_precision="ieee")  # shape: (BLOCK_M, BLOCK_KV)
+    if HAS_DROPOUT:
+        z = tl.where(_keep(seed, row_base, offs_m, cols, n_cols, dropout_p), 1.0 / (1.0 - dropout_p), 0.0)
+        dv += tl.dot(tl.trans((p * z).to(do.dtype)), do, input_precision="ieee")
+        ds = p * (dp * z - delta[:, None])
+    else:
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")  # shape: (BLOCK_KV, D)
+    return dk, dv
+
+
+@triton.jit
+def _kv_block(
+    q_base, do_base, lse_base, delta_base,  # shapes: (n, D) x2, (n,) fp32 x2
+    k_base, v_base,  # shape: (BLOCK_KV, D) rows, row stride stride_kn
+    stride_qm, stride_kn, offs_kv, col_ok, cols, row_base, N_Q, n_cols, scale, dropout_p, seed,
+    HEAD_D: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """dK, dV (BLOCK_KV, D) fp32 of one key block, looping over all query blocks."""
     offs_d = tl.arange(0, HEAD_D)
     qk_scale = scale * LOG2E
-    kt = tl.load(k_base + offs_kv[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=col_ok[None, :], other=0.0)
-    vt = tl.load(v_base + offs_kv[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=col_ok[None, :], other=0.0)
-    kt = kt.to(tl.float32)  # shape: (D, BLOCK_KV)
-    vt = vt.to(tl.float32)
+    kt = _load(k_base + offs_kv[None, :] * stride_kn + offs_d[:, None], col_ok[None, :], INTERPRET)  # (D, BLOCK_KV)
+    vt = _load(v_base + offs_kv[None, :] * stride_kn + offs_d[:, None], col_ok[None, :], INTERPRET)
     dk = tl.zeros([BLOCK_KV, HEAD_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_KV, HEAD_D], dtype=tl.float32)
-    start_m = tl.zeros([], dtype=tl.int32)
-    while start_m < N_Q:  # while, not range(): see the module doc
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < N_Q
-        q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)  # shape: (BLOCK_M, D)
-        do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
-        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)  # shape: (BLOCK_M, D)
-        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))  # shape: (BLOCK_M,)
-        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # shape: (BLOCK_M, BLOCK_KV)
-        p = tl.where(col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PREC)  # shape: (BLOCK_M, BLOCK_KV)
-        if HAS_DROPOUT:
-            z = tl.where(_keep(seed, row_base, offs_m, cols, n_cols, dropout_p), 1.0 / (1.0 - dropout_p), 0.0)
-            dv += tl.dot(tl.trans(p * z), do, input_precision=DOT_PREC)
-            ds = p * (dp * z - delta[:, None])
-        else:
-            dv += tl.dot(tl.trans(p), do, input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PREC)  # shape: (BLOCK_KV, D)
-        start_m += BLOCK_M
+    if INTERPRET:  # the interpreter cannot run range() over a runtime bound (numpy >= 2.4)
+        start_m = N_Q * 0
+        while start_m < N_Q:
+            dk, dv = _kv_step(
+                dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, stride_qm, start_m, col_ok, cols, row_base,
+                N_Q, n_cols, qk_scale, dropout_p, seed, HEAD_D, BLOCK_M, HAS_DROPOUT, INTERPRET,
+            )  # fmt: skip
+            start_m += BLOCK_M
+    else:  # software-pipelined: the next Q / dO blocks load while this one computes
+        for start_m in tl.range(0, N_Q, BLOCK_M):
+            dk, dv = _kv_step(
+                dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, stride_qm, start_m, col_ok, cols, row_base,
+                N_Q, n_cols, qk_scale, dropout_p, seed, HEAD_D, BLOCK_M, HAS_DROPOUT, INTERPRET,
+            )  # fmt: skip
     return dk * scale, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, KP, VP, MASK, LENGTHS, DO,  # shapes as in _fwd_kernel; DO like OUT
-    LSE, DELTA,  # shape: (B, H, n) fp32 contiguous
-    DK, DV, DKP, DVP,  # shapes: like K, V, KP, VP
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_kpb, stride_kph, stride_kpn, stride_kpd,
-    stride_vpb, stride_vph, stride_vpn, stride_vpd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_dkpb, stride_dkph, stride_dkpn, stride_dkpd,
-    stride_dvpb, stride_dvph, stride_dvpn, stride_dvpd,
-    stride_mb, stride_mn,
-    H, N_Q, N_K, M, scale, dropout_p, seed,
+    Q, K, V, KP, VP, MASK, LENGTHS, SEED, DO,  # shapes as in _fwd_kernel; DO with Q's strides
+    LSE, DELTA,  # shape: (B, H, n) fp32 contiguous (DELTA written by _bwd_dq_kernel)
+    DK, DV, DKP, DVP,  # shapes and strides: like K, V, KP, VP
+    stride_qb, stride_qh, stride_qm,  # Q and DO
+    stride_kb, stride_kh, stride_kn,  # K, V, DK, DV
+    stride_pb, stride_ph, stride_pn,  # KP, VP, DKP, DVP
+    stride_mb,
+    H, N_Q, N_K, M, scale, dropout_p,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)  # 0: the prefix block; 1..: token key blocks
+    pid_n = tl.program_id(0)  # token key block; block 0 also owns the prefix slots
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     row_base = pid_bh.to(tl.int64) * N_Q
     n_cols = M + N_K
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     offs_d = tl.arange(0, HEAD_D)
     q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
-    if pid_n == 0:  # (names differ from the else branch: Triton requires same-typed names across branches)
+    do_base = DO + b * stride_qb + h * stride_qh
+    if pid_n == 0:
         offs_p = tl.arange(0, BLOCK_P)
         p_ok = offs_p < M
-        dkp, dvp = _bwd_kv_block(
-            q_base, do_base, LSE + row_base, DELTA + row_base,
-            KP + b * stride_kpb + h * stride_kph, VP + b * stride_vpb + h * stride_vph,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_kpn, stride_kpd, stride_vpn, stride_vpd,
+        p_off = b * stride_pb + h * stride_ph
+        dkp, dvp = _kv_block(
+            q_base, do_base, LSE + row_base, DELTA + row_base, KP + p_off, VP + p_off, stride_qm, stride_pn,
             offs_p, p_ok, offs_p, row_base, N_Q, n_cols, scale, dropout_p, seed,
-            HEAD_D, BLOCK_P, BLOCK_M, HAS_DROPOUT, DOT_PREC,
+            HEAD_D, BLOCK_P, BLOCK_M, HAS_DROPOUT, INTERPRET,
         )  # fmt: skip
-        dkp_ptrs = (
-            DKP + b * stride_dkpb + h * stride_dkph + offs_p[:, None] * stride_dkpn + offs_d[None, :] * stride_dkpd
-        )
-        dvp_ptrs = (
-            DVP + b * stride_dvpb + h * stride_dvph + offs_p[:, None] * stride_dvpn + offs_d[None, :] * stride_dvpd
-        )
-        tl.store(dkp_ptrs, dkp.to(DKP.dtype.element_ty), mask=p_ok[:, None])
-        tl.store(dvp_ptrs, dvp.to(DVP.dtype.element_ty), mask=p_ok[:, None])
-    else:
-        offs_n = (pid_n - 1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        hi = tl.minimum(tl.maximum(tl.load(LENGTHS + b).to(tl.int32), 0), N_K)
-        ok = offs_n < hi
-        if (pid_n - 1) * BLOCK_N < hi:
-            if HAS_MASK:
-                ok = ok & (tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=ok, other=0) != 0)
-            dk, dv = _bwd_kv_block(
-                q_base, do_base, LSE + row_base, DELTA + row_base,
-                K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_kn, stride_kd, stride_vn, stride_vd,
-                offs_n, ok, M + offs_n, row_base, N_Q, n_cols, scale, dropout_p, seed,
-                HEAD_D, BLOCK_N, BLOCK_M, HAS_DROPOUT, DOT_PREC,
-            )  # fmt: skip
-        else:  # the whole block is padding: zero gradients
-            dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
-            dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
-        in_range = offs_n < N_K
-        dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-        dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=in_range[:, None])
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=in_range[:, None])
+        p_ptrs = p_off + offs_p[:, None] * stride_pn + offs_d[None, :]  # shape: (BLOCK_P, D)
+        tl.store(DKP + p_ptrs, dkp.to(DKP.dtype.element_ty), mask=p_ok[:, None])
+        tl.store(DVP + p_ptrs, dvp.to(DVP.dtype.element_ty), mask=p_ok[:, None])
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    hi = _key_bound(LENGTHS, b, N_K, HAS_LENGTHS)
+    if pid_n * BLOCK_N < hi:
+        k_off = b * stride_kb + h * stride_kh
+        dk, dv = _kv_block(
+            q_base, do_base, LSE + row_base, DELTA + row_base, K + k_off, V + k_off, stride_qm, stride_kn,
+            offs_n, _visible(MASK, b, stride_mb, offs_n, hi, HAS_MASK), M + offs_n, row_base, N_Q, n_cols, scale,
+            dropout_p, seed, HEAD_D, BLOCK_N, BLOCK_M, HAS_DROPOUT, INTERPRET,
+        )  # fmt: skip
+    else:  # the whole block is padding: zero gradients
+        dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    k_ptrs = b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]  # shape: (BLOCK_N, D)
+    in_range = (offs_n < N_K)[:, None]
+    tl.store(DK + k_ptrs, dk.to(DK.dtype.element_ty), mask=in_range)
+    tl.store(DV + k_ptrs, dv.to(DV.dtype.element_ty), mask=in_range)
 
 
 @triton.jit
-def _bwd_q_block(
-    dq, q, do, lse2, delta,  # shapes: (BLOCK_M, D) x3, (BLOCK_M,) x2
-    k_base, v_base,  # shape: (BLOCK_KV, D) rows
-    stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_kv, col_ok, cols, offs_d, offs_m, row_base, n_cols, qk_scale, dropout_p, seed,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+def _q_block(
+    dq, q, do, lse2, delta,  # shapes: (BLOCK_M, D) fp32, (BLOCK_M, D) input dtype x2, (BLOCK_M,) fp32 x2
+    k_base, v_base,  # shape: (BLOCK_KV, D) rows, row stride stride_kn
+    stride_kn, offs_kv, col_ok, cols, offs_d, offs_m, row_base, n_cols, qk_scale, dropout_p, seed,
+    HAS_DROPOUT: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Accumulate one key block's contribution to dQ (unscaled by ``scale``)."""
-    kt = tl.load(k_base + offs_kv[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=col_ok[None, :], other=0.0)
-    vt = tl.load(v_base + offs_kv[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=col_ok[None, :], other=0.0)
-    kt = kt.to(tl.float32)  # shape: (D, BLOCK_KV)
-    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # shape: (BLOCK_M, BLOCK_KV), as in the forward
+    kt = _load(k_base + offs_kv[None, :] * stride_kn + offs_d[:, None], col_ok[None, :], INTERPRET)  # (D, BLOCK_KV)
+    vt = _load(v_base + offs_kv[None, :] * stride_kn + offs_d[:, None], col_ok[None, :], INTERPRET)
+    s = tl.dot(q, kt, input_precision="ieee") * qk_scale  # shape: (BLOCK_M, BLOCK_KV), as in the forward
     p = tl.where(col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-    dp = tl.dot(do, vt.to(tl.float32), input_precision=DOT_PREC)  # shape: (BLOCK_M, BLOCK_KV)
+    dp = tl.dot(do, vt, input_precision="ieee")  # shape: (BLOCK_M, BLOCK_KV)
     if HAS_DROPOUT:
-        z = tl.where(_keep(seed, row_base, offs_m, cols, n_cols, dropout_p), 1.0 / (1.0 - dropout_p), 0.0)
-        dp = dp * z
+        dp = dp * tl.where(_keep(seed, row_base, offs_m, cols, n_cols, dropout_p), 1.0 / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds, tl.trans(kt), input_precision=DOT_PREC)
+    return dq + tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, KP, VP, MASK, LENGTHS, DO, LSE, DELTA,  # shapes as in _bwd_dkdv_kernel
-    DQ,  # shape: like Q
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_kpb, stride_kph, stride_kpn, stride_kpd,
-    stride_vpb, stride_vph, stride_vpn, stride_vpd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_mb, stride_mn,
-    H, N_Q, N_K, M, scale, dropout_p, seed,
+    Q, K, V, KP, VP, MASK, LENGTHS, SEED, OUT, DO,  # shapes as in _fwd_kernel; OUT, DO with Q's strides
+    LSE, DELTA,  # shape: (B, H, n) fp32 contiguous; DELTA is written here
+    DQ,  # shape: like Q, Q's strides
+    stride_qb, stride_qh, stride_qm,  # Q, OUT, DO, DQ
+    stride_kb, stride_kh, stride_kn,  # K, V
+    stride_pb, stride_ph, stride_pn,  # KP, VP
+    stride_mb,
+    H, N_Q, N_K, M, scale, dropout_p,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -177,34 +178,43 @@ def _bwd_dq_kernel(
     row_base = pid_bh.to(tl.int64) * N_Q
     n_cols = M + N_K
     qk_scale = scale * LOG2E
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < N_Q
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)  # shape: (BLOCK_M, D)
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
-    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)  # shape: (BLOCK_M, D)
+    q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]  # shape: (BLOCK_M, D)
+    q = _load(Q + q_off, row_ok[:, None], INTERPRET)
+    do = _load(DO + q_off, row_ok[:, None], INTERPRET)
+    o = tl.load(OUT + q_off, mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # shape: (BLOCK_M,) FA-2's preprocess
+    tl.store(DELTA + row_base + offs_m, delta, mask=row_ok)
     lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))  # shape: (BLOCK_M,)
-    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     offs_p = tl.arange(0, BLOCK_P)
-    dq = _bwd_q_block(
-        dq, q, do, lse2, delta, KP + b * stride_kpb + h * stride_kph, VP + b * stride_vpb + h * stride_vph,
-        stride_kpn, stride_kpd, stride_vpn, stride_vpd, offs_p, offs_p < M, offs_p, offs_d, offs_m, row_base,
-        n_cols, qk_scale, dropout_p, seed, HAS_DROPOUT, DOT_PREC,
+    p_off = b * stride_pb + h * stride_ph
+    dq = _q_block(
+        dq, q, do, lse2, delta, KP + p_off, VP + p_off, stride_pn, offs_p, offs_p < M, offs_p, offs_d, offs_m,
+        row_base, n_cols, qk_scale, dropout_p, seed, HAS_DROPOUT, INTERPRET,
     )  # fmt: skip
-    hi = tl.minimum(tl.maximum(tl.load(LENGTHS + b).to(tl.int32), 0), N_K)
-    start_n = tl.zeros([], dtype=tl.int32)
-    while start_n < hi:  # while, not range(): see the module doc
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        ok = offs_n < hi
-        if HAS_MASK:
-            ok = ok & (tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=ok, other=0) != 0)
-        dq = _bwd_q_block(
-            dq, q, do, lse2, delta, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
-            stride_kn, stride_kd, stride_vn, stride_vd, offs_n, ok, M + offs_n, offs_d, offs_m, row_base,
-            n_cols, qk_scale, dropout_p, seed, HAS_DROPOUT, DOT_PREC,
-        )  # fmt: skip
-        start_n += BLOCK_N
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    hi = _key_bound(LENGTHS, b, N_K, HAS_LENGTHS)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_kb + h * stride_kh
+    if INTERPRET:  # see _fwd_kernel
+        start_n = hi * 0
+        while start_n < hi:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            dq = _q_block(
+                dq, q, do, lse2, delta, k_base, v_base, stride_kn, offs_n,
+                _visible(MASK, b, stride_mb, offs_n, hi, HAS_MASK), M + offs_n, offs_d, offs_m, row_base, n_cols,
+                qk_scale, dropout_p, seed, HAS_DROPOUT, INTERPRET,
+            )  # fmt: skip
+            start_n += BLOCK_N
+    else:
+        for start_n in tl.range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            dq = _q_block(
+                dq, q, do, lse2, delta, k_base, v_base, stride_kn, offs_n,
+                _visible(MASK, b, stride_mb, offs_n, hi, HAS_MASK), M + offs_n, offs_d, offs_m, row_base, n_cols,
+                qk_scale, dropout_p, seed, HAS_DROPOUT, INTERPRET,
+            )  # fmt: skip
+    tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])

@@ -1,5 +1,6 @@
 """tpm_fast.ops.crf (Triton kernels, run by the CPU interpreter here) against brute force, pytorch-crf and the
-reference. GPU-only cases skip without CUDA."""
+reference; validation and dispatch (one point per op), the launch / op budget, the first-use self-check, and memory
+safety (NaN scores, any mask layout). GPU-only cases skip without CUDA."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import torch
 import torchcrf
 
 from tests.oracles import brute_force_crf
+from tpm_fast.ops import backend
 from tpm_fast.ops import crf as ops
+from tpm_fast.profiling import count_kernel_ops, count_triton_launches
 from tpm_fast.reference import crf as ref
 
 # log(0) on padded / forbidden tags is expected inside the kernels (numpy warns under the interpreter)
@@ -212,64 +215,103 @@ def test_viterbi_ties_broken_like_pytorch_crf(seed):
 
 def test_auto_on_cpu_is_the_reference_and_errors():
     em, tags, mask, params = _inputs(3, 4, 5, seed=3, device="cpu")
-    for backend in ("auto", "reference"):
+    for backend_name in ("auto", "reference"):
         torch.testing.assert_close(
-            ops.crf_log_likelihood(em, tags, mask, *params, backend=backend),
+            ops.crf_log_likelihood(em, tags, mask, *params, backend=backend_name),
             ref.crf_log_likelihood(em, tags, mask, *params),
             rtol=0,
             atol=0,
         )
         torch.testing.assert_close(
-            ops.crf_log_partition(em, mask, *params, backend=backend), ref.crf_log_partition(em, mask, *params)
+            ops.crf_log_partition(em, mask, *params, backend=backend_name), ref.crf_log_partition(em, mask, *params)
         )
         assert (
-            ops.crf_viterbi(em, mask, *params, backend=backend)[0].tolist()
+            ops.crf_viterbi(em, mask, *params, backend=backend_name)[0].tolist()
             == ref.crf_viterbi(em, mask, *params)[0].tolist()
         )
     with pytest.raises(ValueError, match="backend"):
         ops.crf_log_likelihood(em, tags, mask, *params, backend="cuda")
     with pytest.raises(ValueError, match="backend"):
         ops.crf_viterbi(em, mask, *params, backend="fast")
-    for backend in ("triton", "reference"):
+    for backend_name in ("triton", "reference"):
         with pytest.raises(ValueError, match="3-d float"):
-            ops.crf_log_likelihood(em[0], tags, mask, *params, backend=backend)
+            ops.crf_log_likelihood(em[0], tags, mask, *params, backend=backend_name)
         with pytest.raises(ValueError, match="3-d float"):
-            ops.crf_viterbi(em.long(), mask, *params, backend=backend)
+            ops.crf_viterbi(em.long(), mask, *params, backend=backend_name)
         with pytest.raises(ValueError, match="transitions"):
-            ops.crf_log_partition(em, mask, params[0], params[1], params[2][:, :2], backend=backend)
+            ops.crf_log_partition(em, mask, params[0], params[1], params[2][:, :2], backend=backend_name)
         with pytest.raises(ValueError, match="mask must have shape"):
-            ops.crf_log_likelihood(em, tags, mask[:, :2], *params, backend=backend)
+            ops.crf_log_likelihood(em, tags, mask[:, :2], *params, backend=backend_name)
         with pytest.raises(ValueError, match="mask must be bool"):
-            ops.crf_log_likelihood(em, tags, mask.float(), *params, backend=backend)
+            ops.crf_log_likelihood(em, tags, mask.float(), *params, backend=backend_name)
         with pytest.raises(ValueError, match="tags must be torch.long"):
-            ops.crf_log_likelihood(em, tags.int(), mask, *params, backend=backend)
+            ops.crf_log_likelihood(em, tags.int(), mask, *params, backend=backend_name)
         with pytest.raises(ValueError, match="tags must have shape"):
-            ops.crf_log_likelihood(em, tags[:2], mask, *params, backend=backend)
+            ops.crf_log_likelihood(em, tags[:2], mask, *params, backend=backend_name)
         with pytest.raises(ValueError, match="sequence length"):
-            ops.crf_log_partition(em[:, :0], mask[:, :0], *params, backend=backend)
+            ops.crf_log_partition(em[:, :0], mask[:, :0], *params, backend=backend_name)
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_fp64_and_many_tags_take_the_reference_or_raise(backend, monkeypatch):
+@pytest.fixture
+def auto_on_cpu(monkeypatch):
+    """``backend="auto"`` may pick Triton on CPU tensors (run by the interpreter), with a fresh self-check cache."""
+    monkeypatch.setattr(backend, "AUTO_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(backend, "_PASSED", {})
+    monkeypatch.delenv("TPM_FAST_SELF_CHECK", raising=False)
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "triton"])
+def test_fp64_and_many_tags_take_the_reference_or_raise(backend_name, auto_on_cpu):
     """Inputs the kernels do not cover: the reference under "auto" (even where auto would pick Triton), an error
     naming the limit under "triton"."""
-    monkeypatch.setattr(ops, "resolve_backend", lambda *_: "triton")  # as on CUDA
     em, tags, mask, params = _inputs(2, 3, 5, seed=4)
     em64, p64 = em.double(), [p.double() for p in params]
-    em, _, mask_many, params_many = _inputs(2, 2, ops.MAX_TRITON_TAGS + 1, seed=5)
-    if backend == "triton":
-        with pytest.raises(ValueError, match="fp64 inputs need"):
-            ops.crf_log_likelihood(em64, tags, mask, *p64, backend=backend)
-        with pytest.raises(ValueError, match=f"at most {ops.MAX_TRITON_TAGS} tags"):
-            ops.crf_viterbi(em, mask_many, *params_many, backend=backend)
+    em, _, mask_many, params_many = _inputs(2, 2, backend.MAX_TAGS + 1, seed=5)
+    if backend_name == "triton":
+        with pytest.raises(ValueError, match="float64 inputs need"):
+            ops.crf_log_likelihood(em64, tags, mask, *p64, backend=backend_name)
+        with pytest.raises(ValueError, match="float64 inputs need"):  # the parameters' dtype counts too
+            ops.crf_log_partition(em64.float(), mask, *p64, backend=backend_name)
+        with pytest.raises(ValueError, match=f"at most {backend.MAX_TAGS} tags"):
+            ops.crf_viterbi(em, mask_many, *params_many, backend=backend_name)
         return
-    out = ops.crf_log_likelihood(em64, tags, mask, *p64, backend=backend)
-    assert out.dtype == torch.float64
-    torch.testing.assert_close(out, ref.crf_log_likelihood(em64, tags, mask, *p64), rtol=0, atol=0)
-    torch.testing.assert_close(
-        ops.crf_log_partition(em, mask_many, *params_many, backend=backend),
-        ref.crf_log_partition(em, mask_many, *params_many),
-    )
+    with count_triton_launches() as launches:
+        out = ops.crf_log_likelihood(em64, tags, mask, *p64, backend=backend_name)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, ref.crf_log_likelihood(em64, tags, mask, *p64), rtol=0, atol=0)
+        torch.testing.assert_close(
+            ops.crf_log_partition(em, mask_many, *params_many, backend=backend_name),
+            ref.crf_log_partition(em, mask_many, *params_many),
+        )
+    assert not launches
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+def test_validate_means_the_same_on_both_backends(backend_name):
+    """validate=True: mask contents and tag range are checked on both backends (same messages); validate=False:
+    nothing is checked on either (a first-off or holey mask runs without error; out-of-range tags are clamped by the
+    kernels, memory-safe, while the reference's indexing rejects them)."""
+    em, tags, mask, params = _inputs(3, 5, 4, seed=13, lengths=[5, 3, 2])
+    first_off, holey, bad_tags = mask.clone(), mask.clone(), tags.clone()
+    first_off[1, 0] = False
+    holey[0, 2] = False
+    bad_tags[0, 1] = 4
+    kw = dict(backend=backend_name)
+    with pytest.raises(ValueError, match="first timestep"):
+        ops.crf_log_likelihood(em, tags, first_off, *params, **kw)
+    with pytest.raises(ValueError, match="left-aligned"):
+        ops.crf_viterbi(em, holey, *params, **kw)
+    with pytest.raises(ValueError, match="left-aligned"):
+        ops.crf_log_partition(em, holey, *params, **kw)
+    with pytest.raises(ValueError, match="tags under the mask"):
+        ops.crf_log_likelihood(em, bad_tags, mask, *params, **kw)
+    kw["validate"] = False
+    assert ops.crf_log_likelihood(em, tags, first_off.to(torch.uint8), *params, **kw).shape == (3,)
+    if backend_name == "triton":
+        assert torch.isfinite(ops.crf_log_likelihood(em, bad_tags, mask, *params, **kw)).all()
+    assert ops.crf_viterbi(em, holey, *params, **kw)[0].shape == (3, 5)
+    good = ops.crf_log_likelihood(em, tags, mask.to(torch.uint8), *params, **kw)
+    torch.testing.assert_close(good, ref.crf_log_likelihood(em, tags, mask, *params), rtol=1e-5, atol=1e-5)
 
 
 def test_uint8_mask_and_no_tags_needed_for_partition():
@@ -299,16 +341,223 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_torch_compile_validates_with_device_asserts():
+    """While torch.compile traces, validate=True keeps the content checks as device asserts (no host sync)."""
+    em, tags, mask, params = _inputs(3, 5, 4, seed=8)
+    compiled = torch.compile(
+        lambda em, mask: ops.crf_log_partition(em, mask, *params, backend="triton"), backend="aot_eager", fullgraph=True
+    )
+    torch.testing.assert_close(compiled(em, mask), ops.crf_log_partition(em, mask, *params, backend="triton"))
+    mask[1, 0] = False
+    with pytest.raises(RuntimeError, match="first timestep"):
+        compiled(em, mask)
+
+
 def test_opcheck():
     em, tags, mask, params = _inputs(3, 4, 3, seed=9)
-    lengths = mask.sum(1)
     leaves = _req(em, *params)
-    torch.library.opcheck(ops._crf_forward, (leaves[0], tags.clamp_min(0), lengths, *leaves[1:]))
-    torch.library.opcheck(ops._crf_forward, (em, None, lengths, *params))
-    torch.library.opcheck(ops._crf_viterbi, (em, lengths, *params))
-    out, alpha, log_z = ops._crf_forward(em, tags, lengths, *params)
+    torch.library.opcheck(ops._crf_forward, (leaves[0], tags.clamp_min(0), mask, *leaves[1:]))
+    torch.library.opcheck(ops._crf_forward, (em, None, mask.to(torch.uint8), *params))
+    torch.library.opcheck(ops._crf_viterbi, (em, mask, *params))
+    out, alpha = ops._crf_forward(em, tags, mask, *params)
     grad = torch.randn_like(out)
-    torch.library.opcheck(ops._crf_backward, (grad, tags, lengths, params[1], params[2], alpha, log_z, em.dtype))
+    torch.library.opcheck(ops._crf_backward, (grad, tags, mask, params[1], params[2], alpha, em.dtype))
+    torch.library.opcheck(ops._crf_backward, (grad, None, mask, params[1], params[2], alpha, torch.float16))
+
+
+# ---------------------------------------------------------------------------------------------- launch budget
+
+
+def _budget(fn):
+    """(Triton launches, kernel-launching aten ops, host syncs) of one call of ``fn``, launches stubbed."""
+    with count_triton_launches(stub=True) as launches:
+        total, counts, syncs = count_kernel_ops(fn)
+    return sum(launches.values()), total, counts, syncs
+
+
+def test_launch_and_op_budget():
+    """Log-likelihood forward + backward: 2 launches + the one ``.sum(0)`` of the parameter partials (budget: 6
+    ops); Viterbi: exactly 1 launch, nothing else; the CRF layer with constraints, "sum" and backward: <= 6 ops
+    (2 ``where`` forward and backward, the reduction, the partials' sum); no host sync anywhere."""
+    b, n, t = 4, 6, 5
+    em, tags, mask, params = _inputs(b, n, t, seed=31)
+    leaves = _req(em, *params)
+    w = torch.randn(b)
+
+    def fwd_bwd():
+        llh = ops.crf_log_likelihood(leaves[0], tags, mask, *leaves[1:], backend="triton", validate=False)
+        torch.autograd.grad(llh, leaves, w)
+
+    launches, total, counts, syncs = _budget(fwd_bwd)
+    assert launches <= 2 and total <= 6 and not syncs, (launches, counts, syncs)
+
+    launches, total, counts, syncs = _budget(
+        lambda: ops.crf_viterbi(em, mask, *params, backend="triton", validate=False)
+    )
+    assert launches == 1 and total == 0 and not syncs, (launches, counts, syncs)
+
+    from tpm_fast.layers.crf import CRF
+
+    crf = CRF.from_labels(BIO, batch_first=True, backend="triton")
+    em6 = torch.randn(b, n, len(BIO), requires_grad=True)
+    tags6 = torch.randint(0, len(BIO), (b, n))
+    leaves6 = [em6, *crf.parameters()]
+    one = torch.ones(())
+
+    def layer_fwd_bwd():
+        torch.autograd.grad(crf(em6, tags6, mask, reduction="sum", validate=False), leaves6, one)
+
+    launches, total, counts, syncs = _budget(layer_fwd_bwd)
+    assert launches <= 2 and total <= 6 and not syncs, (launches, counts, syncs)
+
+
+BIO = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "X"]
+
+
+# ---------------------------------------------------------------------------------------------- self-check
+
+
+def _perturbed(name, monkeypatch):
+    """Replace the launcher ``name`` by one whose first output is off by 1e-2 (a wrong kernel)."""
+    from tpm_fast.kernels import crf as kernels
+
+    launch = getattr(kernels, name)
+
+    def wrong(*args, **kwargs):
+        first, *rest = launch(*args, **kwargs)
+        return (first + (1 if first.dtype == torch.long else 1e-2), *rest)
+
+    monkeypatch.setattr(kernels, name, wrong)
+
+
+def _crf_checks():
+    """Cached self-check outcomes of the CRF (keyed by op, device[, dtype])."""
+    return [passed for key, passed in backend._PASSED.items() if key[:2] == ("crf", "cpu")]
+
+
+def _self_check_warnings(record):
+    return [w for w in record if "self-check" in str(w.message)]  # not the interpreter's numpy warnings
+
+
+@pytest.mark.parametrize("name", ["launch_crf_forward", "launch_crf_backward", "launch_crf_viterbi"])
+def test_self_check_rejects_a_wrong_kernel(name, auto_on_cpu, monkeypatch):
+    """A kernel that fails the first-use self-check: "auto" warns once (naming the device) and uses the reference
+    for the CRF on that device from then on."""
+    import warnings
+
+    _perturbed(name, monkeypatch)
+    em, tags, mask, params = _inputs(3, 5, 4, seed=40)
+    with pytest.warns(RuntimeWarning, match=r"crf kernel failed its first-use self-check on cpu") as record:
+        llh = ops.crf_log_likelihood(em, tags, mask, *params)
+    assert len(_self_check_warnings(record)) == 1
+    assert _crf_checks() == [False]
+    torch.testing.assert_close(llh, ref.crf_log_likelihood(em, tags, mask, *params), rtol=0, atol=0)
+    with warnings.catch_warnings(record=True) as record, count_triton_launches() as launches:
+        warnings.simplefilter("always")
+        paths, _ = ops.crf_viterbi(em, mask, *params)
+    assert not _self_check_warnings(record)  # warned once only
+    assert not launches and torch.equal(paths, ref.crf_viterbi(em, mask, *params)[0])
+
+
+def test_self_check_passes_and_auto_picks_triton(auto_on_cpu):
+    import warnings
+
+    em, tags, mask, params = _inputs(3, 5, 4, seed=41)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert ops.self_check(torch.device("cpu"), dtype) is None
+    with warnings.catch_warnings(record=True) as record, count_triton_launches() as launches:
+        warnings.simplefilter("always")
+        llh = ops.crf_log_likelihood(em, tags, mask, *params)
+    assert not _self_check_warnings(record)
+    assert _crf_checks() == [True]
+    assert launches["_crf_forward_kernel"] >= 2  # the self-check's and this call's
+    launches.clear()
+    with count_triton_launches() as launches:
+        torch.testing.assert_close(llh, ops.crf_log_likelihood(em, tags, mask, *params, backend="triton"))
+        ops.crf_viterbi(em, mask, *params)
+    assert launches == {"_crf_forward_kernel": 1, "_crf_viterbi_kernel": 1}
+
+
+def test_self_check_off(auto_on_cpu, monkeypatch):
+    """TPM_FAST_SELF_CHECK=0: no check runs, "auto" takes the (here wrong) kernel as is."""
+    monkeypatch.setenv("TPM_FAST_SELF_CHECK", "0")
+    _perturbed("launch_crf_forward", monkeypatch)
+    em, tags, mask, params = _inputs(3, 5, 4, seed=42)
+    with count_triton_launches() as launches:
+        llh = ops.crf_log_likelihood(em, tags, mask, *params)
+    assert launches == {"_crf_forward_kernel": 1} and not backend._PASSED
+    expected = ref.crf_log_likelihood(em, tags, mask, *params)
+    torch.testing.assert_close(llh, expected + 1e-2, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- memory safety
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+def test_viterbi_nan_emissions_stay_in_range(backend_name):
+    """NaN scores: tags in [0, T) on real tokens, 0 on padding, no out-of-row read (which path is unspecified)."""
+    b, n, t = 5, 9, 6
+    em, _, mask, params = _inputs(b, n, t, seed=50, lengths=[9, 9, 5, 7, 1])
+    em[0] = float("nan")  # a whole row
+    em[2, 1:3] = float("nan")  # a few steps
+    em[3, 4, 2] = float("nan")  # one score
+    em[4] = float("nan")  # length-1 row
+    paths, lengths = ops.crf_viterbi(em, mask, *params, backend=backend_name)
+    assert lengths.tolist() == [9, 9, 5, 7, 1]
+    assert ((paths >= 0) & (paths < t)).all()
+    assert (paths[~mask] == 0).all()
+    clean = ops.crf_viterbi(em[1:2], mask[1:2], *params, backend=backend_name)[0]
+    assert torch.equal(paths[1], clean[0])  # rows without NaN are unaffected
+    trans_nan = params[2].clone()
+    trans_nan[1] = float("nan")
+    paths, _ = ops.crf_viterbi(em[1:], mask[1:], params[0], params[1], trans_nan, backend=backend_name)
+    assert ((paths >= 0) & (paths < t)).all()
+
+
+def test_lengths_from_any_mask_layout():
+    """The kernels read each row's length from the mask itself: time-major (transposed) bool masks and uint8 masks
+    give the same results as a contiguous bool mask."""
+    em, tags, mask, params = _inputs(4, 6, 5, seed=51)
+    mask_view = mask.t().contiguous().t()  # shape: (B, n), strides (1, B)
+    assert not mask_view.is_contiguous()
+    expected = ops.crf_log_likelihood(em, tags, mask, *params, backend="triton")
+    for m in (mask_view, mask.to(torch.uint8), mask_view.to(torch.uint8)):
+        torch.testing.assert_close(ops.crf_log_likelihood(em, tags, m, *params, backend="triton"), expected)
+        paths, lengths = ops.crf_viterbi(em, m, *params, backend="triton")
+        assert lengths.tolist() == mask.sum(1).tolist()
+        assert torch.equal(paths, ops.crf_viterbi(em, mask, *params, backend="triton")[0])
+
+
+def test_long_rows_span_several_time_blocks():
+    """n > 2 * BLOCK_N: row lengths, the gold score and the Viterbi padding are read / written in several blocks."""
+    from tpm_fast.kernels.crf import BLOCK_N
+
+    n = 2 * BLOCK_N + 22
+    em, tags, mask, params = _inputs(4, n, 5, seed=53, lengths=[n, BLOCK_N + 1, BLOCK_N, 1])
+    leaves, leaves_ref = _req(em, *params), _req(em, *params)
+    ours = ops.crf_log_likelihood(leaves[0], tags, mask, *leaves[1:], backend="triton")
+    expected = ref.crf_log_likelihood(leaves_ref[0], tags, mask, *leaves_ref[1:])
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
+    for a, r in zip(_grads(ours, leaves), _grads(expected, leaves_ref)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    paths, lengths = ops.crf_viterbi(em, mask, *params, backend="triton")
+    assert lengths.tolist() == [n, BLOCK_N + 1, BLOCK_N, 1]
+    assert torch.equal(paths, ref.crf_viterbi(em, mask, *params)[0])
+
+
+def test_low_precision_parameters():
+    """fp16 / bf16 parameters: read as fp32 in the kernels, gradients returned in each parameter's dtype."""
+    em, tags, mask, params = _inputs(3, 5, 4, seed=52)
+    lp = [params[0].half(), params[1].bfloat16(), params[2].half()]
+    leaves = _req(em, *lp)
+    llh = ops.crf_log_likelihood(leaves[0], tags, mask, *leaves[1:], backend="triton")
+    leaves32 = _req(em, *(p.float() for p in lp))
+    expected = ref.crf_log_likelihood(leaves32[0], tags, mask, *leaves32[1:])
+    torch.testing.assert_close(llh, expected, rtol=1e-5, atol=1e-5)
+    grads = _grads(llh, leaves)
+    assert [g.dtype for g in grads] == [torch.float32, torch.float16, torch.bfloat16, torch.float16]
+    for a, r in zip(grads, _grads(expected, leaves32)):
+        torch.testing.assert_close(a.float(), r, rtol=1e-2, atol=1e-3)  # 16-bit gradients: rounded
 
 
 # ---------------------------------------------------------------------------------------------- GPU only

@@ -213,3 +213,13 @@ def test_from_labels_constrains_training_and_decoding(backend):
     grad_trans, grad_start = crf.transitions.grad.cpu(), crf.start_transitions.grad.cpu()
     assert (grad_trans[~allowed] == 0).all() and (grad_start[~allowed_start] == 0).all()
     assert grad_trans[allowed].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_validate_false_passes_through(backend):
+    """validate=False reaches the op: nothing is checked on either backend (a first-off mask runs)."""
+    crf = CRF(4, batch_first=True, backend=backend).to(DEVICE)
+    em, tags, mask = (x.to(DEVICE) for x in _batch(3, 5, 4, True, seed=1))
+    mask[1, 0] = False
+    assert crf(em.float(), tags, mask, reduction="none", validate=False).shape == (3,)
+    assert crf.decode(em.float(), mask, as_tensor=True, validate=False)[0].shape == (3, 5)

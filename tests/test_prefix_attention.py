@@ -10,8 +10,13 @@ import math
 import pytest
 import torch
 
-from tpm_fast.kernels.prefix_attention import dropout_keep_mask, prefix_attention_bwd, prefix_attention_fwd
-from tpm_fast.ops.prefix_attention import draw_dropout_seed, prefix_attention
+import tpm_fast.kernels.prefix_attention as kernels
+from tpm_fast.kernels.prefix_attention import (
+    dropout_keep_mask,
+    launch_prefix_attention_bwd,
+    launch_prefix_attention_fwd,
+)
+from tpm_fast.ops.prefix_attention import draw_dropout_seed, key_bounds, prefix_attention
 from tpm_fast.reference.prefix_attention import prefix_attention as reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Dynamo detected a call")
@@ -72,7 +77,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("b,h,n,n_k,m,d", CASES)
-@pytest.mark.parametrize("padding", ["lengths", "mask"])
+@pytest.mark.parametrize("padding", ["lengths", "mask", "mask+bounds"])
 def test_forward_and_grads_match_fp64_reference(b, h, n, n_k, m, d, padding):
     inputs = _inputs(b, h, n, n_k, m, d, seed=b + h + n + n_k + m + d)
     g = torch.Generator().manual_seed(n)
@@ -85,6 +90,8 @@ def test_forward_and_grads_match_fp64_reference(b, h, n, n_k, m, d, padding):
         if b > 1:
             mask[1] = False
         kw = {"key_padding_mask": mask.to(DEVICE)}
+        if padding == "mask+bounds":  # as prompted_bert passes them: the mask and its key bounds
+            kw["lengths"] = key_bounds(kw["key_padding_mask"])
     out, grads = _check_fp32(inputs, **kw)
     if padding == "lengths" and b > 1:
         assert (grads[1][1] == 0).all() and (grads[2][1] == 0).all()  # fully padded row: zero dk, dv
@@ -140,30 +147,57 @@ def test_non_contiguous_views_of_joined_hf_tensors():
         assert _err(g32, g64) <= 1e-5 * (1 + _amax(g64))
 
 
-def test_launcher_block_sizes_and_lse():
+def _blocks(monkeypatch, block_m, block_n):
+    """Make the launchers use these block sizes (the configuration cache is cleared before and after)."""
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
+    monkeypatch.setattr(kernels, "block_config", lambda *_: {name: dict(cfg) for name in ("fwd", "dq", "dkdv")})
+    monkeypatch.setattr(kernels, "_META", {})
+
+
+def test_launcher_block_sizes_and_lse(monkeypatch):
     """Block sizes do not change the result; LSE = log2-unit logsumexp of the visible scaled scores (+inf: none)."""
     b, h, n, m, d = 3, 1, 37, 16, 32
     q, k, v, k_p, v_p = _inputs(b, h, n, n, m, d, seed=14)
     lengths = torch.tensor([37, 20, 0], device=DEVICE)
-    out16, lse16 = prefix_attention_fwd(q, k, v, k_p, v_p, lengths, block_m=16, block_n=16)
-    out32, lse32 = prefix_attention_fwd(q, k, v, k_p, v_p, lengths, block_m=32, block_n=64)
-    torch.testing.assert_close(out16, out32, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lse16, lse32, rtol=1e-6, atol=1e-5)
+    scale = 1 / math.sqrt(d)
+    do = torch.randn_like(q)
+    results = []
+    for block_m, block_n in ((16, 16), (32, 64)):
+        _blocks(monkeypatch, block_m, block_n)
+        out, lse = launch_prefix_attention_fwd(q, k, v, k_p, v_p, None, lengths, None, 0.0, scale)
+        grads = launch_prefix_attention_bwd(do, q, k, v, k_p, v_p, out, lse, None, lengths, None, 0.0, scale)
+        results.append((out, lse, *grads))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    out16, lse16 = results[0][:2]
     mask = torch.arange(n, device=DEVICE) < lengths[:, None]
     scores = torch.cat(
         [q @ k_p.transpose(2, 3), (q @ k.transpose(2, 3)).masked_fill(~mask[:, None, None], -math.inf)], 3
     )
-    torch.testing.assert_close(lse16, (scores / math.sqrt(d)).logsumexp(-1) * math.log2(math.e), rtol=1e-5, atol=1e-5)
-    do = torch.randn_like(out16)
-    g16 = prefix_attention_bwd(do, q, k, v, k_p, v_p, out16, lse16, lengths, block_m=16, block_n=16)
-    g32 = prefix_attention_bwd(do, q, k, v, k_p, v_p, out32, lse32, lengths, block_m=32, block_n=64)
-    for a, c in zip(g16, g32):
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse16, (scores * scale).logsumexp(-1) * math.log2(math.e), rtol=1e-5, atol=1e-5)
     # m = 0 and no visible token: out 0, lse +inf, grads 0
-    out0, lse0 = prefix_attention_fwd(q, k, v, k_p[:, :, :0], v_p[:, :, :0], lengths)
+    out0, lse0 = launch_prefix_attention_fwd(q, k, v, k_p[:, :, :0], v_p[:, :, :0], None, lengths, None, 0.0, scale)
     assert (out0[2] == 0).all() and torch.isinf(lse0[2]).all() and torch.isfinite(lse0[:2]).all()
-    grads0 = prefix_attention_bwd(do, q, k, v, k_p[:, :, :0], v_p[:, :, :0], out0, lse0, lengths)
+    grads0 = launch_prefix_attention_bwd(
+        do, q, k, v, k_p[:, :, :0], v_p[:, :, :0], out0, lse0, None, lengths, None, 0.0, scale
+    )
     assert all(torch.isfinite(g).all() for g in grads0) and (grads0[0][2] == 0).all()
+
+
+def test_output_keeps_the_projection_memory_order():
+    """q split from a (B, n, H*d) projection: out (and dq) come back in that memory order, so merging the heads
+    back is a view; mixed input dtypes run in the widest one."""
+    b, h, n, d = 2, 3, 11, 16
+    proj = torch.randn(b, n, h * d, device=DEVICE)
+    q = proj.view(b, n, h, d).transpose(1, 2)
+    k, v, k_p, v_p = _inputs(b, h, n, n, 2, d, seed=3)[1:]
+    out = prefix_attention(q, k, v, k_p, v_p, backend="triton")
+    assert out.stride() == q.stride()
+    out.transpose(1, 2).view(b, n, h * d)  # a view: raises if a copy were needed
+    mixed = prefix_attention(q, k.half(), v, k_p, v_p.half(), backend="triton")
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference(q, k.half().float(), v, k_p, v_p.half().float()), rtol=1e-5, atol=1e-5)
 
 
 def test_fp16_within_reference_fp16_error():
@@ -200,8 +234,8 @@ def test_dropout_matches_torch_with_the_materialized_keep_mask():
     b, h, n, m, d, p = 2, 2, 21, 3, 16, 0.3
     inputs = _inputs(b, h, n, n, m, d, seed=16)
     lengths = torch.tensor([21, 6], device=DEVICE)
-    seed = draw_dropout_seed(torch.Generator().manual_seed(7))
-    keep = dropout_keep_mask(b, h, n, m, n, p, seed, device=DEVICE)
+    seed = draw_dropout_seed(torch.device(DEVICE), torch.Generator().manual_seed(7))
+    keep = dropout_keep_mask(b, h, n, m, n, p, seed)
     assert keep.shape == (b, h, n, m + n) and keep.dtype == torch.bool
     w = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     kw = {"lengths": lengths, "dropout_p": p, "generator": torch.Generator().manual_seed(7)}
@@ -226,10 +260,14 @@ def test_dropout_seeds_and_drop_fraction():
     first = run(1)
     assert torch.equal(first, run(1))
     assert not torch.allclose(first, run(2))
-    keep = dropout_keep_mask(4, 4, 64, 5, 59, p, seed=123, device=DEVICE)
+
+    def keep_mask(seed):
+        return dropout_keep_mask(4, 4, 64, 5, 59, p, torch.tensor([seed], device=DEVICE))
+
+    keep = keep_mask(123)
     assert abs(1 - keep.float().mean().item() - p) < 0.02
-    assert not torch.equal(keep, dropout_keep_mask(4, 4, 64, 5, 59, p, seed=124, device=DEVICE))
-    assert torch.equal(keep, dropout_keep_mask(4, 4, 64, 5, 59, p, seed=123, device=DEVICE))
+    assert not torch.equal(keep, keep_mask(124))
+    assert torch.equal(keep, keep_mask(123))
 
 
 # -------------------------------------------------------------------------------------------------- dispatch
@@ -251,7 +289,7 @@ def test_bad_inputs_raise_like_the_reference(backend):
     (q, k, v, k_p, v_p) = _inputs(2, 2, 5, 5, 3, 16, seed=0)
     bad = [
         ({"dropout_p": 1.0}, "dropout_p"),
-        ({"key_padding_mask": torch.ones(2, 5, dtype=torch.bool), "lengths": torch.tensor([5, 5])}, "not both"),
+        ({"key_padding_mask": torch.ones(2, 5, dtype=torch.bool, device="meta")}, "one device"),
         ({"key_padding_mask": torch.ones(2, 4, dtype=torch.bool)}, "key_padding_mask"),
         ({"key_padding_mask": torch.ones(2, 5)}, "key_padding_mask"),
         ({"lengths": torch.tensor([5])}, "lengths"),
@@ -284,12 +322,16 @@ def test_torch_compile_fullgraph_matches_eager():
     inputs = _inputs(2, 2, 19, 19, 4, 16, seed=19)
     mask = (torch.rand(2, 19, generator=torch.Generator().manual_seed(6)) < 0.7).to(DEVICE)
 
-    def fn(q, k, v, k_p, v_p):
-        return prefix_attention(q, k, v, k_p, v_p, key_padding_mask=mask, backend="triton") * 2.0
+    def fn(q, k, v, k_p, v_p):  # dropout traces too: its seed is drawn on the device, no .item()
+        return prefix_attention(q, k, v, k_p, v_p, key_padding_mask=mask, dropout_p=0.2, backend="triton")
+
+    def seeded(f):
+        return lambda *x: (torch.manual_seed(5), f(*x))[1]
 
     w = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
-    eager, eager_grads = _out_and_grads(inputs, w, fn=fn)
-    compiled, compiled_grads = _out_and_grads(inputs, w, fn=torch.compile(fn, backend="aot_eager", fullgraph=True))
+    eager, eager_grads = _out_and_grads(inputs, w, fn=seeded(fn))
+    compiled_fn = seeded(torch.compile(fn, backend="aot_eager", fullgraph=True))
+    compiled, compiled_grads = _out_and_grads(inputs, w, fn=compiled_fn)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     for a, c in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
@@ -303,12 +345,13 @@ def test_opcheck_custom_ops():
     leaves = [x.requires_grad_(True) for x in (q, k, v, k_p, v_p)]
     for key_padding_mask in (None, mask):
         torch.library.opcheck(
-            torch.ops.tpm_fast.prefix_attention_fwd.default, (*leaves, lengths, key_padding_mask, 0.0, 0.25, 0)
+            torch.ops.tpm_fast.prefix_attention_fwd.default, (*leaves, key_padding_mask, lengths, None, 0.0, 0.25)
         )
-    out, lse = torch.ops.tpm_fast.prefix_attention_fwd(q, k, v, k_p, v_p, lengths, mask, 0.1, 0.25, 3)
+    seed = torch.tensor([3], device=DEVICE)
+    out, lse = torch.ops.tpm_fast.prefix_attention_fwd(q, k, v, k_p, v_p, mask, lengths, seed, 0.1, 0.25)
     do = torch.randn_like(out)
-    args = (do, q.detach(), k.detach(), v.detach(), k_p.detach(), v_p.detach(), out.detach(), lse, lengths, mask)
-    torch.library.opcheck(torch.ops.tpm_fast.prefix_attention_bwd.default, (*args, 0.1, 0.25, 3))
+    args = (do, q.detach(), k.detach(), v.detach(), k_p.detach(), v_p.detach(), out.detach(), lse, mask, lengths)
+    torch.library.opcheck(torch.ops.tpm_fast.prefix_attention_bwd.default, (*args, seed, 0.1, 0.25))
 
 
 # ------------------------------------------------------------------------------------------------- GPU only
@@ -348,41 +391,3 @@ def test_full_size_gpu(dtype, b, n, m):
     assert _err(out, truth) <= 2 * _err(low, truth) + tol
     for g, lo, t in zip(grads, low_grads, truth_grads):
         assert _err(g, t) <= 3 * _err(lo, t) + tol * (1 + _amax(t))
-
-
-# ------------------------------------------------------------------------------- GPU compile without a GPU
-
-_COMPILE_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import tpm_fast.kernels.prefix_attention as K
-
-for d in (64,):  # d = 128 and fp32 ('ieee') compile too (checked by hand; slower)
-    cfg = K.block_config(d, fp32=False, interpret=False)
-    for name, fn in (("fwd", K._fwd_kernel), ("dkdv", K._bwd_dkdv_kernel), ("dq", K._bwd_dq_kernel)):
-        c = dict(cfg[name])
-        opts = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages")}
-        ce = dict(c, HEAD_D=d, BLOCK_P=16, HAS_MASK=True, HAS_DROPOUT=True, DOT_PREC="tf32")
-        ptrs = dict.fromkeys(("Q", "K", "V", "KP", "VP", "OUT", "DO", "DQ", "DK", "DV", "DKP", "DVP"), "*bf16")
-        ptrs.update(MASK="*u8", LENGTHS="*i64", LSE="*fp32", DELTA="*fp32")
-        floats = {"scale": "fp32", "dropout_p": "fp32", "seed": "i64"}
-        sig = {a: "constexpr" if a in ce else ptrs.get(a) or floats.get(a, "i32") for a in fn.arg_names}
-        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in ce.items()})
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-print("compiled")
-"""
-
-
-def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter accepts code a GPU compile rejects (e.g. differently shaped names across if/else branches):
-    compile the bf16 kernels (mask + dropout on) for sm_90 with the real compiler, in a process without
-    TRITON_INTERPRET. Needs Triton's NVIDIA backend (bundled ptxas), not a GPU."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

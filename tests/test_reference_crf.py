@@ -178,3 +178,31 @@ def test_bad_inputs_raise(change, msg):
     if change not in ("tag_range", "tag_dtype"):
         with pytest.raises(ValueError, match=msg):
             crf_viterbi(em, mask, *params)
+
+
+def test_validate_false_checks_nothing():
+    """validate=False skips every check (for callers that validated already): a first-off mask runs, a uint8 mask is
+    taken as bool; with a valid input the result is the validated one."""
+    em, tags, mask, params = _inputs(3, 4, 3, seed=4)
+    bad = mask.clone()
+    bad[1, 0] = False
+    with pytest.raises(ValueError, match="first timestep"):
+        crf_log_partition(em, bad, *params)
+    assert crf_log_partition(em, bad, *params, validate=False).shape == (3,)
+    assert crf_viterbi(em, bad, *params, validate=False)[0].shape == (3, 4)
+    u8 = mask.to(torch.uint8)
+    torch.testing.assert_close(
+        crf_log_likelihood(em, tags, u8, *params, validate=False), crf_log_likelihood(em, tags, mask, *params)
+    )
+    assert crf_viterbi(em, u8, *params, validate=False)[0].equal(crf_viterbi(em, mask, *params)[0])
+
+
+def test_viterbi_nan_scores_give_tags_in_range():
+    """NaN scores: every tag is in [0, T) (torch.max picks a NaN's index), padding 0; the path is unspecified."""
+    em, _, mask, params = _inputs(4, 6, 5, seed=6)
+    em[0] = float("nan")
+    em[1, 2:4] = float("nan")
+    params[2][3, 1] = float("nan")
+    paths, lengths = crf_viterbi(em, mask, *params)
+    assert ((paths >= 0) & (paths < 5)).all() and (paths[~mask] == 0).all()
+    assert lengths.tolist() == mask.sum(1).tolist()

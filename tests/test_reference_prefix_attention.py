@@ -136,7 +136,7 @@ def test_dropout_preserves_the_mean():
     "kwargs,msg",
     [
         ({"dropout_p": 1.0}, "dropout_p"),
-        ({"key_padding_mask": torch.ones(2, 5, dtype=torch.bool), "lengths": torch.tensor([5, 5])}, "not both"),
+        ({"key_padding_mask": torch.ones(2, 5, dtype=torch.bool, device="meta")}, "one device"),
         ({"key_padding_mask": torch.ones(2, 4, dtype=torch.bool)}, "key_padding_mask"),
         ({"key_padding_mask": torch.ones(2, 5)}, "key_padding_mask"),
         ({"lengths": torch.tensor([5])}, "lengths"),
@@ -148,3 +148,14 @@ def test_bad_inputs_raise(kwargs, msg):
         prefix_attention(q, k, v, k_p, v_p, **kwargs)
     with pytest.raises(ValueError, match="expected q"):
         prefix_attention(q[0], k, v, k_p, v_p)
+
+
+def test_mask_and_lengths_are_anded():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(3))
+    k_p, v_p = (torch.randn(2, 2, 2, 8, generator=g) for _ in range(2))
+    mask = torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 0, 1]], dtype=torch.bool)
+    lengths = torch.tensor([4, 2])
+    both = prefix_attention(q, k, v, k_p, v_p, key_padding_mask=mask, lengths=lengths)
+    anded = mask & (torch.arange(5) < lengths[:, None])
+    torch.testing.assert_close(both, prefix_attention(q, k, v, k_p, v_p, key_padding_mask=anded))

@@ -7,7 +7,7 @@ transformers until :func:`apply_to_bert` or :func:`register_hf_attention` is cal
 from tpm_fast.layers import CRF, ImagePrefix, apply_to_bert, prompted_bert, register_hf_attention
 from tpm_fast.model import TPMMI, TPMConfig, build_model, load_model, save_model
 from tpm_fast.ops.crf import crf_log_likelihood, crf_viterbi
-from tpm_fast.ops.prefix_attention import prefix_attention
+from tpm_fast.ops.prefix_attention import key_bounds, prefix_attention
 from tpm_fast.plain_engine import PlainEngine
 
 __version__ = "0.2.0"
@@ -21,6 +21,7 @@ __all__ = [
     "build_model",
     "crf_log_likelihood",
     "crf_viterbi",
+    "key_bounds",
     "load_model",
     "prefix_attention",
     "prompted_bert",

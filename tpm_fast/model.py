@@ -16,7 +16,7 @@ from tpm_fast.data.labels import LABELS
 from tpm_fast.layers.crf import CRF
 from tpm_fast.layers.image_prefix import IMAGE_FEATURES, IMAGE_PADDINGS, ImagePrefix
 from tpm_fast.layers.prompted_bert import prompted_bert
-from tpm_fast.ops._backend import check_backend
+from tpm_fast.ops.backend import check_backend
 
 # Small configs for the embedded default corpus and the tests (trained from scratch in minutes on a CPU).
 TINY_BERT = dict(

@@ -23,6 +23,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Callable
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
 NO_KERNEL = frozenset(
@@ -140,3 +141,18 @@ def count_triton_launches(stub: bool = False):
     finally:
         for cls, original in originals.items():
             cls.run = original
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+"""Tensor methods that read device memory on the host (each a host sync on CUDA)."""
+
+
+class forbid_host_reads(torch.overrides.TorchFunctionMode):
+    """Inside the block, calling a :data:`HOST_READS` method of a tensor raises ``RuntimeError`` (naming it): the
+    CPU-side test that a GPU training step never waits for the device (with :func:`count_kernel_ops`' sync ops)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            raise RuntimeError(f"host read of a tensor inside a sync-free region: Tensor.{name}()")
+        return func(*args, **(kwargs or {}))

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from tpm_fast.ops import crf as ops
-from tpm_fast.ops._backend import check_backend, resolve_backend
-from tpm_fast.reference.crf import check_inputs
+from tpm_fast.ops.backend import check_backend
 
 _REDUCTIONS = ("none", "sum", "mean", "token_mean")
 FORBIDDEN = -10000.0
@@ -27,6 +26,7 @@ class CRF(nn.Module):
     Parameters ``start_transitions`` (T,), ``end_transitions`` (T,), ``transitions`` (T, T) (``[i, j]`` = i -> j),
     initialized uniform(-0.1, 0.1); a ``torchcrf.CRF`` state_dict loads as is. Masks are (B, n) bool, left-aligned,
     with the first timestep on: checked at each call (one host sync, as pytorch-crf does) unless ``validate=False``.
+    Each call validates (or not) and picks the backend once, in the `tpm_fast.ops.crf` op it calls.
     """
 
     def __init__(self, num_tags: int, batch_first: bool = False, *, backend: str = "auto") -> None:
@@ -79,23 +79,25 @@ class CRF(nn.Module):
         return f"num_tags={self.num_tags}, batch_first={self.batch_first}, backend={self.backend}{constrained}"
 
     def _inputs(self, emissions: Tensor, tags: Tensor | None, mask: Tensor | None, validate: bool):
-        """Batch-major emissions/tags/mask (default mask all on), checked; and the effective parameters."""
-        if emissions.dim() != 3 or emissions.size(2) != self.num_tags:
+        """Batch-major emissions (B, n, T), tags (B, n) and mask (B, n) (default: all on); with ``validate`` the
+        emissions' rank and tag count are checked here (the rest by the op)."""
+        if validate and (emissions.dim() != 3 or emissions.size(2) != self.num_tags):
             raise ValueError(f"emissions must be 3-d with last dim {self.num_tags}, got {tuple(emissions.shape)}")
         if not self.batch_first:
-            emissions, tags, mask = (x if x is None else x.transpose(0, 1) for x in (emissions, tags, mask))
-        params = self._params()
+            emissions = emissions.transpose(0, 1)
+            tags = None if tags is None else tags.transpose(0, 1)
+            mask = None if mask is None else mask.transpose(0, 1)
         if mask is None:
             mask = torch.ones(emissions.shape[:2], dtype=torch.bool, device=emissions.device)
-        elif validate and resolve_backend(self.backend, emissions) == "triton":  # the reference checks itself
-            mask = check_inputs(emissions, mask, *params, tags=tags)
-        return emissions, tags, mask, params
+        return emissions, tags, mask
 
     def _params(self) -> tuple[Tensor, Tensor, Tensor]:
+        """start (T,), end (T,), transitions (T, T) with forbidden moves (`from_labels`) set to :data:`FORBIDDEN`
+        (built once per call; their gradients are 0 there)."""
         start, end, trans = self.start_transitions, self.end_transitions, self.transitions
         if self.allowed_transitions is not None:
-            start = start.masked_fill(~self.allowed_start, FORBIDDEN)
-            trans = trans.masked_fill(~self.allowed_transitions, FORBIDDEN)
+            start = torch.where(self.allowed_start, start, FORBIDDEN)
+            trans = torch.where(self.allowed_transitions, trans, FORBIDDEN)
         return start, end, trans
 
     def forward(
@@ -114,8 +116,10 @@ class CRF(nn.Module):
         """
         if reduction not in _REDUCTIONS:
             raise ValueError(f"invalid reduction: {reduction!r}, expected one of {_REDUCTIONS}")
-        emissions, tags, mask, params = self._inputs(emissions, tags, mask, validate)
-        llh = ops.crf_log_likelihood(emissions, tags, mask, *params, backend=self.backend)  # shape: (B,)
+        emissions, tags, mask = self._inputs(emissions, tags, mask, validate)
+        llh = ops.crf_log_likelihood(
+            emissions, tags, mask, *self._params(), backend=self.backend, validate=validate
+        )  # shape: (B,)
         if reduction == "none":
             return llh
         if reduction == "sum":
@@ -126,9 +130,10 @@ class CRF(nn.Module):
     def decode(self, emissions: Tensor, mask: Tensor | None = None, as_tensor: bool = False, *, validate: bool = True):
         """Viterbi paths: list of per-sequence tag lists (like torchcrf), or, with ``as_tensor``, batch-first
         ``(tags (B, n) long padded with 0, lengths (B,) long)`` computed without host synchronization (beyond the
-        mask check, skipped with ``validate=False`` or no mask)."""
-        emissions, _, mask, params = self._inputs(emissions, None, mask, validate)
-        tags, lengths = ops.crf_viterbi(emissions, mask, *params, backend=self.backend)
+        mask check, skipped with ``validate=False`` or no mask: the default mask is valid)."""
+        checked = validate and mask is not None
+        emissions, _, mask = self._inputs(emissions, None, mask, validate)
+        tags, lengths = ops.crf_viterbi(emissions, mask, *self._params(), backend=self.backend, validate=checked)
         if as_tensor:
             return tags, lengths
         return [row[:k] for row, k in zip(tags.tolist(), lengths.tolist())]

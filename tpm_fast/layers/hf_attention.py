@@ -19,7 +19,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from tpm_fast.ops import prefix_attention as ops
-from tpm_fast.ops._backend import check_backend
+from tpm_fast.ops.backend import check_backend
 
 NAME = "tpm_prefix"
 BACKEND_ATTR = "tpm_prefix_backend"

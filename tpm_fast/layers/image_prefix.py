@@ -96,6 +96,8 @@ class ImagePrefix(nn.Module):
             slots = slots + 0.0 * feats.sum()  # keeps ViT in the graph: zero gradients, same on every rank
         u = self.encoder(slots + self.temporal)  # shape: (B, m, d_v), attention across the images of each post
         p = self.dropout(self.project(u))  # shape: (B, m, L * 2 * d_t)
-        p = p.view(batch, self.slots, self.num_layers, 2, self.num_heads, self.head_dim)
-        p = p.permute(2, 3, 0, 4, 1, 5)  # shape: (L, 2, B, H, m, d_h)
-        return [(p[i, 0], p[i, 1]) for i in range(self.num_layers)]
+        p = p.view(batch, self.slots, 2 * self.num_layers, self.num_heads, self.head_dim)
+        # one copy for all layers, so each layer's k_p / v_p is a dense (B, H, m, d_h) block the attention reads in
+        # place; unbind's backward is one stack (per-layer slicing would scatter a full-size gradient per slice)
+        kv = p.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # shape: 2L x (B, H, m, d_h)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.num_layers)]

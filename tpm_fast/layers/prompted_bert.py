@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from transformers import BertModel
 
-from tpm_fast.ops.prefix_attention import prefix_attention
+from tpm_fast.ops import backend as _backend
+from tpm_fast.ops.prefix_attention import key_bounds, prefix_attention
 
 
 def prompted_bert(
@@ -35,7 +36,7 @@ def prompted_bert(
         shift_positions: start token position ids at m, as transformers does with a prefix cache (the authors'
             checkpoints were trained so); False starts them at 0.
         backend: attention backend, ``"auto"`` (Triton on CUDA, the reference elsewhere), ``"triton"`` or
-            ``"reference"``.
+            ``"reference"``; resolved once per call, and the first layer's inputs validated, not every layer's.
 
     Returns:
         (B, n, d_t) last hidden states, in the dtype of the embeddings.
@@ -55,13 +56,21 @@ def prompted_bert(
         )
     position_ids = torch.arange(start, start + n, device=input_ids.device).expand(batch, n)  # shape: (B, n)
     hidden = bert.embeddings(input_ids=input_ids, position_ids=position_ids)  # shape: (B, n, d_t)
-    for layer, (k_p, v_p) in zip(layers, prefix):
+    # once per forward, shared by every layer: the backend and the key loop's bound
+    head_dim = layers[0].attention.self.attention_head_size
+    dtype = torch.promote_types(hidden.dtype, prefix[0][0].dtype)
+    unsupported = _backend.attention_unsupported(dtype, head_dim)
+    backend = _backend.resolve(backend, "prefix_attention", hidden.device, dtype, unsupported)
+    bounds = key_bounds(mask)  # shape: (B,)
+    for i, (layer, (k_p, v_p)) in enumerate(zip(layers, prefix)):
         attn = layer.attention.self
         heads_shape = (batch, n, attn.num_attention_heads, attn.attention_head_size)
         q, k, v = (proj(hidden).view(heads_shape).transpose(1, 2) for proj in (attn.query, attn.key, attn.value))
         dropout_p = attn.dropout.p if attn.training else 0.0
-        context = prefix_attention(q, k, v, k_p, v_p, key_padding_mask=mask, dropout_p=dropout_p, backend=backend)
-        context = context.transpose(1, 2).reshape(hidden.shape)  # shape: (B, H, n, d_h) -> (B, n, d_t)
+        context = prefix_attention(
+            q, k, v, k_p, v_p, mask, bounds, dropout_p, backend=backend, validate=i == 0
+        )  # shape: (B, H, n, d_h), on the Triton path in q's (B, n, H, d_h) memory order
+        context = context.transpose(1, 2).reshape(hidden.shape)  # shape: (B, n, d_t), a view on the Triton path
         hidden = layer.attention.output(context, hidden)  # dense + dropout + residual LayerNorm
         hidden = layer.output(layer.intermediate(hidden), hidden)  # FFN + residual LayerNorm
     return hidden

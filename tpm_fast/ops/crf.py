@@ -1,137 +1,198 @@
-"""Linear-chain CRF ops: backend dispatch between the fused Triton kernels and the PyTorch reference.
+"""Linear-chain CRF ops: one validation and backend-dispatch point per op, over the fused Triton kernels or the
+PyTorch reference.
 
 Same arguments and semantics as `tpm_fast.reference.crf` (pytorch-crf: ``transitions[i, j]`` scores tag i -> tag j,
-``start`` / ``end`` (T,), emissions (B, n, T), masks (B, n) bool), plus ``backend``:
+``start`` / ``end`` (T,), emissions (B, n, T), masks (B, n) bool or uint8), plus two keywords:
 
-- ``"auto"``: the Triton kernels on CUDA tensors when Triton is installed, the reference elsewhere;
-- ``"triton"``: the kernels (CPU tensors only under ``TRITON_INTERPRET=1``); ``"reference"``: the reference.
+- ``backend``: ``"auto"`` | ``"triton"`` | ``"reference"``, resolved once per call by
+  `tpm_fast.ops.backend.resolve` (``"auto"``: Triton on CUDA when it is installed, the inputs are covered and the
+  kernels passed their first-use self-check on the device; the reference elsewhere). Inputs the kernels do not
+  cover (:func:`tpm_fast.ops.backend.crf_unsupported`: any fp64 input, more than ``MAX_TAGS`` tags) run the
+  reference under ``"auto"`` and raise ``ValueError`` under ``"triton"``.
+- ``validate``: the same on both backends. True: shapes and dtypes, then mask contents (first timestep on,
+  left-aligned) and tags in ``[0, T)`` on real tokens, as `tpm_fast.reference.crf.check_inputs` does (one host
+  sync; while ``torch.compile`` traces, the content checks are ``torch._assert_async`` device asserts instead,
+  which raise ``RuntimeError``). False: nothing is checked, on either backend; inputs outside the contract give
+  unspecified (on the Triton path still memory-safe) results.
 
-On the Triton path only shapes and dtypes are validated (same ``ValueError`` messages as the reference); mask
-contents are **not** checked, to avoid a host sync. The contract is the reference's: masks left-aligned with
-``mask[:, 0]`` all True (each row's length is ``mask.sum(1)``, real tokens are the first ``length`` positions),
-tags in ``[0, T)`` on real tokens (out-of-range tags are clamped, giving a wrong but memory-safe result).
-Callers that want the content checks call ``tpm_fast.reference.crf.check_inputs`` first.
-Inputs the kernels do not cover, any fp64 input (the kernels compute in fp32) and more than 64 tags (the register
-tile's limit), run the reference under ``backend="auto"`` and raise ``ValueError`` under ``backend="triton"``.
-
-The kernels are wrapped as torch custom ops (``tpm_fast::crf_forward``, ``tpm_fast::crf_backward``,
-``tpm_fast::crf_viterbi``) with fake implementations and autograd, so ``torch.compile(fullgraph=True)`` traces
-through them. Triton is imported lazily, when a kernel first runs.
+Tiers, named apart as in flash-attention: the raw launchers ``tpm_fast.kernels.crf.launch_crf_*`` (no autograd, no
+validation); `CRFLogLikelihoodFunc` (a ``torch.autograd.Function``, the eager path) and the torch custom ops
+``tpm_fast::crf_forward`` / ``crf_backward`` / ``crf_viterbi`` (with fake implementations and autograd, used while
+``torch.compile`` traces, so ``fullgraph=True`` works); and the public functions below. Triton is imported lazily,
+when a kernel first runs.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from tpm_fast.ops._backend import resolve_backend
+from tpm_fast.ops import backend as _backend
 from tpm_fast.reference import crf as _ref
 
-__all__ = ["crf_log_likelihood", "crf_log_partition", "crf_viterbi", "MAX_TRITON_TAGS"]
+__all__ = ["CRFLogLikelihoodFunc", "crf_log_likelihood", "crf_log_partition", "crf_viterbi", "self_check"]
 
-MAX_TRITON_TAGS = 64  # = tpm_fast.kernels.crf.MAX_TAGS (not imported here: triton stays optional)
+_KERNELS: list = []  # tpm_fast.kernels.crf, imported on first use (triton stays optional)
 
 
-# ---------------------------------------------------------------------------------------------- custom ops
+def _kernels() -> ModuleType:
+    if not _KERNELS:
+        from tpm_fast.kernels import crf
+
+        _KERNELS.append(crf)
+    return _KERNELS[0]
+
+
+def _param_grads(g_par: Tensor, t: int, dtypes: list[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
+    """Split the (2T + T*T,) fp32 parameter gradient into start (T,), end (T,), transitions (T, T) views, each cast
+    to its parameter's dtype only if that is not fp32."""
+    g_start, g_end, g_trans = g_par.split_with_sizes((t, t, t * t))
+    g_trans = g_trans.view(t, t)
+    if dtypes[0] == dtypes[1] == dtypes[2] == torch.float32:
+        return g_start, g_end, g_trans
+    return tuple(g if d == torch.float32 else g.to(d) for g, d in zip((g_start, g_end, g_trans), dtypes))
+
+
+# ---------------------------------------------------------------------------------------------- eager tier
+
+
+class CRFLogLikelihoodFunc(torch.autograd.Function):
+    """Eager autograd wrapper of the fused kernels (forward: 1 launch; backward: 1 launch + one ``.sum(0)``).
+
+    ``apply(emissions, tags, mask, start, end, transitions)``: arguments as in `crf_log_likelihood` (unchecked;
+    ``tags=None`` for the log partition). Returns (B,) fp32 ``gold - log Z`` (``log Z`` without tags),
+    differentiable w.r.t. emissions (grad in their dtype), start, end and transitions (grads in each one's dtype).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        emissions: Tensor,
+        tags: Tensor | None,
+        mask: Tensor,
+        start: Tensor,
+        end: Tensor,
+        transitions: Tensor,
+    ) -> Tensor:
+        out, alpha = _kernels().launch_crf_forward(emissions, tags, mask, start, end, transitions)
+        ctx.save_for_backward(tags, mask, end, transitions, alpha)
+        ctx.dtypes = (emissions.dtype, start.dtype, end.dtype, transitions.dtype)
+        return out  # shape: (B,) fp32
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        tags, mask, end, transitions, alpha = ctx.saved_tensors
+        d_em, *d_par = ctx.dtypes
+        g_em, g_par = _kernels().launch_crf_backward(grad, tags, mask, end, transitions, alpha, d_em)
+        needs = ctx.needs_input_grad
+        if not (needs[3] or needs[4] or needs[5]):
+            return g_em, None, None, None, None, None
+        return (g_em, None, None, *_param_grads(g_par.sum(0), alpha.shape[2], d_par))
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile tier
 
 
 @torch.library.custom_op("tpm_fast::crf_forward", mutates_args=())
 def _crf_forward(
-    emissions: Tensor, tags: Tensor | None, lengths: Tensor, start: Tensor, end: Tensor, transitions: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(out (B,) fp32 = gold - log Z, or log Z without tags; alpha (B, n, T) fp32; log_z (B,) fp32)."""
-    from tpm_fast.kernels.crf import crf_forward
-
-    return crf_forward(emissions, tags, lengths, start, end, transitions)
+    emissions: Tensor, tags: Tensor | None, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(out (B,) fp32 = gold - log Z, or log Z without tags; alpha (B, n, T) fp32)."""
+    return _kernels().launch_crf_forward(emissions, tags, mask, start, end, transitions)
 
 
 @_crf_forward.register_fake
-def _(emissions, tags, lengths, start, end, transitions):
+def _(emissions, tags, mask, start, end, transitions):
     b, n, t = emissions.shape
-    f32 = dict(dtype=torch.float32, device=emissions.device)
-    return emissions.new_empty(b, **f32), emissions.new_empty((b, n, t), **f32), emissions.new_empty(b, **f32)
+    return emissions.new_empty(b, dtype=torch.float32), emissions.new_empty((b, n, t), dtype=torch.float32)
 
 
 @torch.library.custom_op("tpm_fast::crf_backward", mutates_args=())
 def _crf_backward(
     grad: Tensor,
     tags: Tensor | None,
-    lengths: Tensor,
+    mask: Tensor,
     end: Tensor,
     transitions: Tensor,
     alpha: Tensor,
-    log_z: Tensor,
     grad_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_emissions (B, n, T) emissions' dtype; per-sequence grads of start, end (B, T), transitions (B, T, T))."""
-    from tpm_fast.kernels.crf import crf_backward
-
-    return crf_backward(grad, tags, lengths, end, transitions, alpha, log_z, grad_dtype)
+) -> tuple[Tensor, Tensor]:
+    """(grad_emissions (B, n, T) in ``grad_dtype``; per-sequence parameter partials (B, 2T + T*T) fp32)."""
+    return _kernels().launch_crf_backward(grad, tags, mask, end, transitions, alpha, grad_dtype)
 
 
 @_crf_backward.register_fake
-def _(grad, tags, lengths, end, transitions, alpha, log_z, grad_dtype):
+def _(grad, tags, mask, end, transitions, alpha, grad_dtype):
     b, n, t = alpha.shape
-    return (
-        alpha.new_empty((b, n, t), dtype=grad_dtype),
-        alpha.new_empty((b, t)),
-        alpha.new_empty((b, t)),
-        alpha.new_empty((b, t, t)),
-    )
+    return alpha.new_empty((b, n, t), dtype=grad_dtype), alpha.new_empty((b, 2 * t + t * t))
 
 
 def _setup_context(ctx, inputs, output):
-    emissions, tags, lengths, start, end, transitions = inputs
-    _, alpha, log_z = output
-    ctx.save_for_backward(tags, lengths, end, transitions, alpha, log_z)
+    emissions, tags, mask, start, end, transitions = inputs
+    _, alpha = output
+    ctx.save_for_backward(tags, mask, end, transitions, alpha)
     ctx.dtypes = (emissions.dtype, start.dtype, end.dtype, transitions.dtype)
 
 
-def _backward(ctx, grad_out, _grad_alpha, _grad_log_z):
-    tags, lengths, end, transitions, alpha, log_z = ctx.saved_tensors
-    d_em, ds, de, dt = ctx.dtypes
-    g_em, g_start, g_end, g_trans = _crf_backward(grad_out, tags, lengths, end, transitions, alpha, log_z, d_em)
-    # alpha and log_z are internal outputs (saved for this backward); their incoming grads are ignored
-    return g_em, None, None, g_start.sum(0).to(ds), g_end.sum(0).to(de), g_trans.sum(0).to(dt)
+def _backward(ctx, grad_out, _grad_alpha):
+    tags, mask, end, transitions, alpha = ctx.saved_tensors
+    d_em, *d_par = ctx.dtypes
+    g_em, g_par = _crf_backward(grad_out, tags, mask, end, transitions, alpha, d_em)
+    # alpha is an internal output (saved for this backward); its incoming grad is ignored
+    return (g_em, None, None, *_param_grads(g_par.sum(0), alpha.shape[2], d_par))
 
 
 _crf_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("tpm_fast::crf_viterbi", mutates_args=())
-def _crf_viterbi(emissions: Tensor, lengths: Tensor, start: Tensor, end: Tensor, transitions: Tensor) -> Tensor:
-    """(B, n) int64 best tags, 0 on padding."""
-    from tpm_fast.kernels.crf import crf_viterbi
-
-    return crf_viterbi(emissions, lengths, start, end, transitions)
+def _crf_viterbi(
+    emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor
+) -> tuple[Tensor, Tensor]:
+    """((B, n) int64 best tags, 0 on padding; (B,) int64 lengths)."""
+    return _kernels().launch_crf_viterbi(emissions, mask, start, end, transitions)
 
 
 @_crf_viterbi.register_fake
-def _(emissions, lengths, start, end, transitions):
-    return emissions.new_empty(emissions.shape[:2], dtype=torch.long)
+def _(emissions, mask, start, end, transitions):
+    return emissions.new_empty(emissions.shape[:2], dtype=torch.long), emissions.new_empty(
+        emissions.shape[:1], dtype=torch.long
+    )
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def _use_triton(
-    backend: str, emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor, tags=None
-) -> bool:
-    """Resolve the backend; on the Triton path check shapes and dtypes (the reference checks its own inputs).
-    Inputs the kernels do not cover (fp64, more than `MAX_TRITON_TAGS` tags) take the reference under ``"auto"``
-    and raise under ``"triton"``."""
-    params = (start, end, transitions)
-    if resolve_backend(backend, emissions, mask, *params, *([] if tags is None else [tags])) != "triton":
-        return False
-    _ref.check_shapes(emissions, mask, *params, tags=tags)
-    reason = None
-    if emissions.shape[2] > MAX_TRITON_TAGS:
-        reason = f"the Triton CRF supports at most {MAX_TRITON_TAGS} tags, got {emissions.shape[2]}"
-    elif any(x.dtype == torch.float64 for x in (emissions, *params)):
-        reason = "the Triton CRF computes in fp32: fp64 inputs need backend='reference' (or 'auto')"
-    if reason is not None and backend == "triton":
-        raise ValueError(reason)
-    return reason is None
+def _validate(
+    emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor, tags: Tensor | None = None
+) -> Tensor:
+    """`tpm_fast.reference.crf.check_inputs` (shapes, dtypes, then contents with one host sync); while
+    ``torch.compile`` traces, the content checks become device asserts (a graph cannot hold a host sync)."""
+    if not torch.compiler.is_compiling():
+        return _ref.check_inputs(emissions, mask, start, end, transitions, tags)
+    _ref.check_shapes(emissions, mask, start, end, transitions, tags)
+    mask = mask.bool()
+    torch._assert_async(mask[:, 0].all(), "mask of the first timestep must all be on")
+    torch._assert_async((~(mask[:, 1:] & ~mask[:, :-1])).all(), "mask must be left-aligned (each row: True then False)")
+    if tags is not None:
+        in_range = ((tags >= 0) & (tags < emissions.shape[2]) | ~mask).all()
+        torch._assert_async(in_range, f"tags under the mask must lie in [0, {emissions.shape[2]})")
+    return mask
+
+
+def _resolve(backend: str, emissions: Tensor, start: Tensor, end: Tensor, transitions: Tensor) -> str:
+    """``"triton"`` or ``"reference"`` for these inputs (their promoted float dtype decides what is covered)."""
+    dtype = emissions.dtype
+    if start.dtype != dtype or end.dtype != dtype or transitions.dtype != dtype:
+        dtype = torch.promote_types(torch.promote_types(dtype, start.dtype), end.dtype)
+        dtype = torch.promote_types(dtype, transitions.dtype)
+    unsupported = _backend.crf_unsupported(dtype, emissions.shape[2])
+    return _backend.resolve(backend, "crf", emissions.device, dtype, unsupported)
 
 
 def crf_log_likelihood(
@@ -143,28 +204,37 @@ def crf_log_likelihood(
     transitions: Tensor,
     *,
     backend: str = "auto",
+    validate: bool = True,
 ) -> Tensor:
     """Log-likelihood log p(tags | emissions) per sequence (pytorch-crf ``reduction="none"``).
 
     Args:
         emissions: (B, n, T) float emission scores (fp16 / bf16 / fp32 on the Triton path; fp64 -> reference).
         tags: (B, n) long gold tags in [0, T) where ``mask`` is True (ignored elsewhere, any value).
-        mask: (B, n) bool (or uint8), left-aligned, first timestep all True (not checked on the Triton path).
+        mask: (B, n) bool (or uint8), left-aligned, first timestep all True.
         start, end: (T,) float; transitions: (T, T) float with ``[i, j]`` = score of tag i -> tag j.
         backend: "auto" | "triton" | "reference" (see the module docstring).
+        validate: check shapes, dtypes, mask and tag contents (one host sync) first; False checks nothing.
 
     Returns:
         (B,) fp32 (fp64 on the reference path with fp64 inputs) gold path score minus log Z, differentiable w.r.t.
         emissions, start, end and transitions (grads in each input's dtype).
+
+    Raises:
+        ValueError: bad inputs (``validate``), unknown backend, or ``"triton"`` where it cannot run.
     """
-    if not _use_triton(backend, emissions, mask, start, end, transitions, tags):
-        return _ref.crf_log_likelihood(emissions, tags, mask, start, end, transitions)
-    lengths = mask.sum(1)  # shape: (B,) int64, on device
-    return _crf_forward(emissions, tags, lengths, start, end, transitions)[0]
+    return _forward(emissions, tags, mask, start, end, transitions, backend, validate)
 
 
 def crf_log_partition(
-    emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor, *, backend: str = "auto"
+    emissions: Tensor,
+    mask: Tensor,
+    start: Tensor,
+    end: Tensor,
+    transitions: Tensor,
+    *,
+    backend: str = "auto",
+    validate: bool = True,
 ) -> Tensor:
     """Log partition function log Z per sequence (same kernels, gold score skipped).
 
@@ -174,27 +244,94 @@ def crf_log_partition(
         (B,) fp32 (fp64 on the reference path with fp64 inputs) log Z, differentiable w.r.t. emissions, start, end
         and transitions.
     """
-    if not _use_triton(backend, emissions, mask, start, end, transitions):
-        return _ref.crf_log_partition(emissions, mask, start, end, transitions)
-    lengths = mask.sum(1)  # shape: (B,)
-    return _crf_forward(emissions, None, lengths, start, end, transitions)[0]
+    return _forward(emissions, None, mask, start, end, transitions, backend, validate)
+
+
+def _forward(emissions, tags, mask, start, end, transitions, backend: str, validate: bool) -> Tensor:
+    """`crf_log_likelihood` (``tags`` given) or `crf_log_partition` (``tags=None``): validate, resolve, dispatch."""
+    if validate:
+        mask = _validate(emissions, mask, start, end, transitions, tags)
+    if _resolve(backend, emissions, start, end, transitions) == "reference":
+        if tags is None:
+            return _ref.crf_log_partition(emissions, mask, start, end, transitions, validate=False)
+        return _ref.crf_log_likelihood(emissions, tags, mask, start, end, transitions, validate=False)
+    if torch.compiler.is_compiling():
+        return _crf_forward(emissions, tags, mask, start, end, transitions)[0]
+    return CRFLogLikelihoodFunc.apply(emissions, tags, mask, start, end, transitions)
 
 
 def crf_viterbi(
-    emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor, *, backend: str = "auto"
+    emissions: Tensor,
+    mask: Tensor,
+    start: Tensor,
+    end: Tensor,
+    transitions: Tensor,
+    *,
+    backend: str = "auto",
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Best tag paths, with the same fp32 arithmetic and tie-breaking (first max index) as ``torchcrf.CRF.decode``.
 
     Args:
-        emissions: (B, n, T) float; mask: (B, n) bool, left-aligned, first timestep all True;
-        start, end: (T,); transitions: (T, T). backend: as `crf_log_likelihood`.
+        emissions: (B, n, T) float; mask: (B, n) bool (or uint8), left-aligned, first timestep all True;
+        start, end: (T,); transitions: (T, T). backend, validate: as `crf_log_likelihood`.
 
     Returns:
         tags: (B, n) long, best path on real tokens, 0 on padding; lengths: (B,) long (``mask.sum(1)``).
-        Not differentiable; no host sync and no per-sequence loop on the Triton path.
+        Not differentiable; one launch, no host sync and no per-sequence loop on the Triton path. NaN scores give
+        tags in [0, T) on both backends (which path is unspecified).
     """
-    if not _use_triton(backend, emissions, mask, start, end, transitions):
-        return _ref.crf_viterbi(emissions, mask, start, end, transitions)
-    lengths = mask.sum(1)  # shape: (B,)
-    tags = _crf_viterbi(emissions.detach(), lengths, start.detach(), end.detach(), transitions.detach())
-    return tags, lengths
+    if validate:
+        mask = _validate(emissions, mask, start, end, transitions)
+    if _resolve(backend, emissions, start, end, transitions) == "reference":
+        return _ref.crf_viterbi(emissions, mask, start, end, transitions, validate=False)
+    if torch.compiler.is_compiling():
+        return _crf_viterbi(emissions.detach(), mask, start.detach(), end.detach(), transitions.detach())
+    return _kernels().launch_crf_viterbi(emissions, mask, start, end, transitions)
+
+
+# ---------------------------------------------------------------------------------------------- self-check
+
+
+def self_check(device: torch.device, dtype: torch.dtype = torch.float32) -> str | None:
+    """First-use check of the Triton CRF on ``device`` (registered with `tpm_fast.ops.backend`): a tiny case
+    (B=3, n=7, T=5, lengths 7 / 4 / 1) with emissions and parameters in ``dtype``, run with ``backend="triton",
+    validate=False`` against the reference on the same values: the log-likelihood and its gradients w.r.t.
+    emissions / start / end / transitions (reference in fp64, so no TF32 matmul setting matters), and the Viterbi
+    tags and lengths (reference from the same inputs in fp32: the same sums, so exactly equal).
+
+    Returns:
+        None when the log-likelihood is within 1e-4 and each gradient within max(1e-4, eps of its dtype) (max abs
+        error / max(max |reference|, 1)) and tags and lengths are equal, else a short description of the first
+        mismatch.
+    """
+    g = torch.Generator().manual_seed(0)
+    b, n, t = 3, 7, 5
+    em = torch.randn(b, n, t, generator=g) * 2  # shape: (B, n, T)
+    params = [torch.randn(*s, generator=g) * 0.5 for s in ((t,), (t,), (t, t))]
+    mask = torch.arange(n) < torch.tensor([n, 4, 1]).unsqueeze(1)  # shape: (B, n)
+    tags = torch.randint(0, t, (b, n), generator=g).masked_fill(~mask, -100)  # shape: (B, n)
+    w = torch.randn(b, generator=g).to(device)  # shape: (B,) grad_outputs
+    em, *params = (x.to(device, dtype) for x in (em, *params))
+    mask, tags = mask.to(device), tags.to(device)
+    results = []
+    with torch.inference_mode(False), torch.enable_grad():  # a first call may come from inside no_grad()
+        for impl, cast in (("triton", dtype), ("reference", torch.float64)):
+            leaves = [x.to(cast).requires_grad_(True) for x in (em, *params)]
+            llh = crf_log_likelihood(leaves[0], tags, mask, *leaves[1:], backend=impl, validate=False)
+            results.append((llh, *torch.autograd.grad(llh, leaves, w.to(llh.dtype))))
+    names = ("log-likelihood", "grad of emissions", "grad of start", "grad of end", "grad of transitions")
+    for name, ours, ref in zip(names, *results):
+        tol = max(1e-4, torch.finfo(ours.dtype).eps)  # a gradient in a 16-bit dtype is rounded to it
+        err = ((ours.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+        if not err <= tol:  # NaN fails too
+            return f"{name} off by {err:.2e} (relative, tolerance {tol:.0e})"
+    ours = crf_viterbi(em, mask, *params, backend="triton", validate=False)
+    ref = _ref.crf_viterbi(em, mask, *params, validate=False)
+    for name, a, r in zip(("Viterbi tags", "Viterbi lengths"), ours, ref):
+        if not torch.equal(a, r):
+            return f"{name} differ: {a.tolist()} vs the reference's {r.tolist()}"
+    return None
+
+
+_backend.register_self_check("crf", self_check)

@@ -1,14 +1,18 @@
-"""Prefix-K/V attention with backend dispatch: the fused Triton kernel (torch custom ops + autograd) or the reference.
+"""Prefix-K/V attention: validation + backend dispatch, and the autograd tiers of the Triton kernel.
 
-:func:`prefix_attention` has the signature and semantics of :func:`tpm_fast.reference.prefix_attention.prefix_attention`
-plus ``backend``. The Triton path is two custom ops, ``tpm_fast::prefix_attention_fwd`` (returns out and the per-row
-LSE) and ``tpm_fast::prefix_attention_bwd``, with fake (meta) implementations and autograd wiring, so
-``torch.compile(fullgraph=True)`` traces through them. Triton and the kernels are imported only when they launch.
+Tiers, named apart as in flash-attention (``_flash_attn_forward`` / ``FlashAttnFunc`` / ``flash_attn_func``):
 
-Dropout: the Philox seed is a plain ``int`` drawn from ``generator`` (default: torch's CPU generator) with
-``torch.randint``; no GPU sync for a CPU generator. Under ``torch.compile(fullgraph=True)`` only ``dropout_p=0`` traces
-(the draw is an ``.item()``); with dropout, compile without fullgraph (the draw is a graph break).
-fp64 inputs, or a head dim that is not a power of 2 >= 16: ``backend="auto"`` runs the reference, ``"triton"`` raises.
+- raw launchers ``tpm_fast.kernels.prefix_attention.launch_prefix_attention_fwd`` / ``..._bwd`` (no autograd, no
+  checks);
+- :class:`PrefixAttentionFunc`, the eager ``torch.autograd.Function`` (the lean path: one Python call per direction);
+- custom ops ``tpm_fast::prefix_attention_fwd`` / ``tpm_fast::prefix_attention_bwd`` with fake implementations and
+  autograd, taken while ``torch.compile`` traces (``fullgraph=True`` works, dropout included);
+- :func:`prefix_attention`, the public function: the one place inputs are validated and the backend resolved;
+- the pure-PyTorch reference, :func:`tpm_fast.reference.prefix_attention.prefix_attention`.
+
+Dropout on the Triton path: the Philox seed is a (1,) int64 tensor drawn on the inputs' device with ``torch.randint``
+from ``generator`` (default: that device's default generator): no host sync, reproducible under
+``torch.manual_seed``. Triton and the kernels are imported only when they launch.
 """
 
 from __future__ import annotations
@@ -18,31 +22,69 @@ import math
 import torch
 from torch import Tensor
 
-from tpm_fast.ops._backend import resolve_backend
+from tpm_fast.ops import backend as _backend
 from tpm_fast.reference.prefix_attention import check_inputs
-from tpm_fast.reference.prefix_attention import prefix_attention as _reference
+from tpm_fast.reference.prefix_attention import prefix_attention as reference_prefix_attention
 
-__all__ = ["draw_dropout_seed", "prefix_attention", "triton_unsupported_reason"]
-
-
-def triton_unsupported_reason(q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor) -> str | None:
-    """Why the Triton kernel cannot take these inputs (None when it can): dtype or head dim."""
-    for t in (q, k, v, k_p, v_p):
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return f"the Triton kernel supports fp32/fp16/bf16 inputs, got {t.dtype}"
-    d = q.shape[3]
-    if d < 16 or d & (d - 1):
-        return f"the Triton kernel needs a head dim that is a power of 2 >= 16, got {d}"
-    return None
+__all__ = ["PrefixAttentionFunc", "draw_dropout_seed", "key_bounds", "prefix_attention", "self_check"]
 
 
-def draw_dropout_seed(generator: torch.Generator | None = None) -> int:
-    """The Philox seed the Triton path uses: one ``torch.randint`` draw from ``generator`` (default: CPU)."""
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
+def draw_dropout_seed(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """The Philox seed of one dropout call: (1,) int64 on ``device``, one ``torch.randint`` draw from ``generator``
+    (default: ``device``'s default generator); no host sync."""
+    if generator is None or generator.device == device:
+        return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
+    return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).to(device)
 
 
-# ------------------------------------------------------------------------------------------------- custom ops
+def key_bounds(key_padding_mask: Tensor) -> Tensor:
+    """(B,) int32: 1 + the index of each row's last visible key (0 when none), the bound of the kernels' key loop.
+
+    Compute it once per forward and pass it as ``lengths`` with the mask to every layer (3 small ops, no sync).
+    """
+    n = key_padding_mask.shape[1]
+    cols = torch.arange(1, n + 1, device=key_padding_mask.device, dtype=torch.int32)  # shape: (n,)
+    return (key_padding_mask * cols).amax(1) if n else cols.new_zeros(key_padding_mask.shape[0])
+
+
+_KERNELS: list = []  # the launcher module, imported on first launch (Triton stays optional)
+
+
+def _kernels():
+    if not _KERNELS:
+        from tpm_fast.kernels import prefix_attention
+
+        _KERNELS.append(prefix_attention)
+    return _KERNELS[0]
+
+
+# ------------------------------------------------------------------------------------------------ eager autograd
+
+
+class PrefixAttentionFunc(torch.autograd.Function):
+    """Eager autograd over the raw launchers (inputs already in the launch layout; see the kernels' module doc)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_p, v_p, key_padding_mask, lengths, seed, dropout_p, scale):
+        kernels = _kernels()
+        plan = kernels.plan_launches(q, k, k_p, key_padding_mask, lengths, dropout_p, scale)  # shared with backward
+        out, lse = kernels.launch_prefix_attention_fwd(
+            q, k, v, k_p, v_p, key_padding_mask, lengths, seed, dropout_p, scale, plan
+        )
+        ctx.save_for_backward(q, k, v, k_p, v_p, out, lse, lengths, seed)
+        ctx.plan, ctx.dropout_p, ctx.scale = plan, dropout_p, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, k_p, v_p, out, lse, lengths, seed = ctx.saved_tensors
+        grads = _kernels().launch_prefix_attention_bwd(
+            grad_out, q, k, v, k_p, v_p, out, lse, None, lengths, seed, ctx.dropout_p, ctx.scale, ctx.plan
+        )
+        return (*grads, None, None, None, None, None)
+
+
+# ------------------------------------------------------------------------------------- custom ops (torch.compile)
 
 
 @torch.library.custom_op("tpm_fast::prefix_attention_fwd", mutates_args=())
@@ -52,22 +94,19 @@ def _fwd_op(
     v: Tensor,
     k_p: Tensor,
     v_p: Tensor,
-    lengths: Tensor,
     key_padding_mask: Tensor | None,
+    lengths: Tensor | None,
+    seed: Tensor | None,
     dropout_p: float,
     scale: float,
-    seed: int,
 ) -> tuple[Tensor, Tensor]:
-    """Triton forward: (out (B,H,n,d) q dtype, lse (B,H,n) fp32); see kernels.prefix_attention_fwd."""
-    from tpm_fast.kernels.prefix_attention import prefix_attention_fwd
-
-    return prefix_attention_fwd(q, k, v, k_p, v_p, lengths, key_padding_mask, dropout_p, scale, seed)
+    """(out (B, H, n, d) like q, lse (B, H, n) fp32); see ``launch_prefix_attention_fwd``."""
+    return _kernels().launch_prefix_attention_fwd(q, k, v, k_p, v_p, key_padding_mask, lengths, seed, dropout_p, scale)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, k_p, v_p, lengths, key_padding_mask, dropout_p, scale, seed):
-    b, h, n, d = q.shape
-    return q.new_empty((b, h, n, d)), q.new_empty((b, h, n), dtype=torch.float32)
+def _(q, k, v, k_p, v_p, key_padding_mask, lengths, seed, dropout_p, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("tpm_fast::prefix_attention_bwd", mutates_args=())
@@ -80,47 +119,40 @@ def _bwd_op(
     v_p: Tensor,
     out: Tensor,
     lse: Tensor,
-    lengths: Tensor,
     key_padding_mask: Tensor | None,
+    lengths: Tensor | None,
+    seed: Tensor | None,
     dropout_p: float,
     scale: float,
-    seed: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Triton backward: (dq, dk, dv, dk_p, dv_p), contiguous, input dtypes; see kernels.prefix_attention_bwd."""
-    from tpm_fast.kernels.prefix_attention import prefix_attention_bwd
-
-    return prefix_attention_bwd(
-        grad_out, q, k, v, k_p, v_p, out, lse, lengths, key_padding_mask, dropout_p, scale, seed
+    """(dq, dk, dv, dk_p, dv_p) like (q, k, v, k_p, v_p); see ``launch_prefix_attention_bwd``."""
+    return _kernels().launch_prefix_attention_bwd(
+        grad_out, q, k, v, k_p, v_p, out, lse, key_padding_mask, lengths, seed, dropout_p, scale
     )
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad_out, q, k, v, k_p, v_p, out, lse, lengths, key_padding_mask, dropout_p, scale, seed):
-    return tuple(t.new_empty(t.shape) for t in (q, k, v, k_p, v_p))
+def _(grad_out, q, k, v, k_p, v_p, out, lse, key_padding_mask, lengths, seed, dropout_p, scale):
+    return tuple(torch.empty_like(t) for t in (q, k, v, k_p, v_p))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, k_p, v_p, lengths, key_padding_mask, dropout_p, scale, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, k_p, v_p, out, lse, lengths, key_padding_mask)
-    ctx.dropout_p, ctx.scale, ctx.seed = dropout_p, scale, seed
-    ctx.mark_non_differentiable(lse)
+    q, k, v, k_p, v_p, key_padding_mask, lengths, seed, dropout_p, scale = inputs
+    ctx.save_for_backward(q, k, v, k_p, v_p, *output, key_padding_mask, lengths, seed)
+    ctx.dropout_p, ctx.scale = dropout_p, scale
+    ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, k_p, v_p, out, lse, lengths, key_padding_mask = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    grads = _bwd_op(
-        grad_out, q, k, v, k_p, v_p, out, lse, lengths, key_padding_mask, ctx.dropout_p, ctx.scale, ctx.seed
-    )
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, k_p, v_p, out, lse, key_padding_mask, lengths, seed = ctx.saved_tensors
+    grads = _bwd_op(grad_out, q, k, v, k_p, v_p, out, lse, key_padding_mask, lengths, seed, ctx.dropout_p, ctx.scale)
     return (*grads, None, None, None, None, None)
 
 
-torch.library.register_autograd("tpm_fast::prefix_attention_fwd", _backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ------------------------------------------------------------------------------------------------- public API
+# ------------------------------------------------------------------------------------------------------ public API
 
 
 def prefix_attention(
@@ -135,48 +167,87 @@ def prefix_attention(
     scale: float | None = None,
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    validate: bool = True,
 ) -> Tensor:
     """Attention of n queries over m prefix slots plus n_k tokens (one softmax over the joined columns).
 
     Args:
         q: (B, H, n, d) queries; k, v: (B, H, n_k, d) token keys / values; k_p, v_p: (B, H, m, d) prefix keys /
-            values, m >= 0, always visible. Any strides (e.g. slices of one joined HF key tensor): never copied.
-        key_padding_mask: (B, n_k) bool, True = visible (any pattern); or ``lengths``: (B,) int, tokens
-            [0, len) visible. At most one; neither = every token visible.
+            values, m >= 0, always visible. Any strides (e.g. heads split from a projection, slices of a joined HF
+            key tensor): copied only when the kernel cannot read them in place.
+        key_padding_mask: (B, n_k) bool, True = visible (any pattern); ``lengths``: (B,) int, tokens [0, len)
+            visible. Both: ANDed (pass :func:`key_bounds` of the mask, computed once per forward, so the kernel
+            skips key blocks past the last visible token). Neither: every token visible.
         dropout_p: attention-probability dropout in [0, 1), inverted scaling. Triton: Philox keep-mask from a seed
-            drawn from ``generator`` (see :func:`draw_dropout_seed`); reference: ``bernoulli_`` on ``generator``.
+            drawn with :func:`draw_dropout_seed`; reference: ``bernoulli_`` on ``generator``.
         scale: score scale, default 1 / sqrt(d).
-        backend: ``"auto"`` (Triton on CUDA when importable and the inputs are supported, else the reference),
-            ``"triton"`` or ``"reference"``.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see :mod:`tpm_fast.ops.backend`).
+        validate: check shapes, dtypes, devices and dropout_p (no host sync) and resolve ``backend``; False trusts
+            the caller (who validated once and passes a resolved backend, as ``prompted_bert`` does per layer).
 
     Returns:
-        (B, H, n, d) in q's dtype; 0 for a query with no visible key (m = 0 and all tokens padded), never NaN.
+        (B, H, n, d) in q's dtype (the widest input dtype if they differ); 0 for a query with no visible key
+        (m = 0 and all tokens padded), never NaN.
 
     Raises:
-        ValueError: bad shapes / mask / lengths / dropout_p (as the reference), unknown backend, or
-            ``backend="triton"`` where it cannot run (no Triton, CPU without TRITON_INTERPRET=1, fp64, bad head dim).
+        ValueError: bad shapes / devices / mask / lengths / dropout_p, unknown backend, or ``backend="triton"``
+            where it cannot run (no Triton, CPU without TRITON_INTERPRET=1, fp64, head dim not a power of 2).
     """
-    chosen = resolve_backend(backend, q, k, v, k_p, v_p)
-    if chosen == "triton":  # the reference validates its own inputs
-        check_inputs(q, k, v, k_p, v_p, key_padding_mask, lengths, dropout_p)
-        reason = triton_unsupported_reason(q, k, v, k_p, v_p)
-        if reason is not None:
-            if backend == "triton":
-                raise ValueError(reason)
-            chosen = "reference"
-    if chosen == "reference":
-        return _reference(q, k, v, k_p, v_p, key_padding_mask, lengths, dropout_p, scale, generator)
-    b, n_k = q.shape[0], k.shape[2]
-    if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.to(q.device)
-        # last visible key + 1 (0 when none): bounds the kernel's key loop, computed on device (no host sync)
-        cols = torch.arange(1, n_k + 1, device=q.device, dtype=torch.int32)  # shape: (n_k,)
-        lengths = (key_padding_mask * cols).amax(1) if n_k else torch.zeros(b, dtype=torch.int32, device=q.device)
-    elif lengths is not None:
-        lengths = lengths.to(device=q.device, dtype=torch.int64 if lengths.dtype == torch.int64 else torch.int32)
-    else:
-        lengths = torch.full((b,), n_k, dtype=torch.int32, device=q.device)
+    if validate or backend == "auto":
+        if validate:
+            check_inputs(q, k, v, k_p, v_p, key_padding_mask, lengths, dropout_p)
+        dtype = q.dtype if q.dtype == k.dtype == v.dtype == k_p.dtype == v_p.dtype else _widest(q, k, v, k_p, v_p)
+        unsupported = _backend.attention_unsupported(dtype, q.shape[3])
+        backend = _backend.resolve(backend, "prefix_attention", q.device, dtype, unsupported)
+    if backend == "reference":
+        return reference_prefix_attention(
+            q, k, v, k_p, v_p, key_padding_mask, lengths, dropout_p, scale, generator, validate=False
+        )
+    if not q.dtype == k.dtype == v.dtype == k_p.dtype == v_p.dtype:
+        dtype = _widest(q, k, v, k_p, v_p)
+        q, k, v, k_p, v_p = (t.to(dtype) for t in (q, k, v, k_p, v_p))
+    q, k, v, k_p, v_p = _kernels().canonical_inputs(q, k, v, k_p, v_p)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    seed = draw_dropout_seed(generator) if dropout_p > 0.0 else 0
-    out, _ = _fwd_op(q, k, v, k_p, v_p, lengths, key_padding_mask, float(dropout_p), scale, seed)
-    return out
+    seed = draw_dropout_seed(q.device, generator) if dropout_p > 0.0 else None
+    if torch.compiler.is_compiling():
+        return _fwd_op(q, k, v, k_p, v_p, key_padding_mask, lengths, seed, float(dropout_p), scale)[0]
+    return PrefixAttentionFunc.apply(q, k, v, k_p, v_p, key_padding_mask, lengths, seed, float(dropout_p), scale)
+
+
+def _widest(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# ------------------------------------------------------------------------------------------------ first-use check
+
+
+def self_check(device: torch.device, dtype: torch.dtype = torch.float32) -> str | None:
+    """Run a tiny case (B=2, H=2, n=37, m=3, d=64, a padding mask and its bounds, no dropout) in ``dtype`` with the
+    Triton backend against the reference on ``device``, forward and backward.
+
+    Returns:
+        None when the output and every gradient are within tolerance, else a description of the first mismatch.
+    """
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 2, 37, 64)] * 3 + [(2, 2, 3, 64)] * 2
+    inputs = [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
+    mask = (torch.arange(37) < torch.tensor([[37], [20]])).to(device)  # shape: (2, 37)
+    grad = torch.randn(2, 2, 37, 64, generator=g).to(device, dtype)
+    results = []
+    with torch.inference_mode(False), torch.enable_grad():  # the first call may come from inside no_grad()
+        for name in ("triton", "reference"):
+            leaves = [x.detach().requires_grad_(True) for x in inputs]
+            out = prefix_attention(*leaves, key_padding_mask=mask, lengths=key_bounds(mask), backend=name)
+            results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    for what, got, want in zip(("out", "dq", "dk", "dv", "dk_p", "dv_p"), *results):
+        err = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1.0)).item()
+        if not err <= tol:  # NaN fails too
+            return f"{what} differs from the reference by {err:.2e} (relative, tolerance {tol:.0e})"
+    return None
+
+
+_backend.register_self_check("prefix_attention", self_check)

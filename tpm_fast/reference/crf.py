@@ -90,6 +90,10 @@ def check_inputs(
     return mask
 
 
+def _as_bool(mask: Tensor) -> Tensor:
+    return mask if mask.dtype == torch.bool else mask.bool()
+
+
 def crf_gold_score(emissions: Tensor, tags: Tensor, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor):
     """Unnormalized score of the given tag paths (no validation; see `crf_log_likelihood`). Returns (B,) float."""
     dtype = _compute_dtype(emissions, start, end, transitions)
@@ -168,7 +172,14 @@ class _LogPartitionExp(torch.autograd.Function):
 
 
 def crf_log_partition(
-    emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor, *, method: str = "auto"
+    emissions: Tensor,
+    mask: Tensor,
+    start: Tensor,
+    end: Tensor,
+    transitions: Tensor,
+    *,
+    method: str = "auto",
+    validate: bool = True,
 ) -> Tensor:
     """Log partition function log Z of a linear-chain CRF.
 
@@ -177,11 +188,12 @@ def crf_log_partition(
         mask: (B, n) bool, True on real tokens, left-aligned, ``mask[:, 0]`` all True.
         start: (T,) start scores; end: (T,) end scores; transitions: (T, T), ``[i, j]`` = score of i -> j.
         method: "auto" (exp-space when the transition spans allow it, else log-space), "exp" or "log".
+        validate: `check_inputs` first (one host sync); False checks nothing (for callers that already did).
 
     Returns:
         (B,) fp32 (fp64 if any input is fp64) log Z, differentiable w.r.t. emissions and the three parameters.
     """
-    mask = check_inputs(emissions, mask, start, end, transitions)
+    mask = check_inputs(emissions, mask, start, end, transitions) if validate else _as_bool(mask)
     return _log_partition(emissions, mask, start, end, transitions, method)
 
 
@@ -208,6 +220,7 @@ def crf_log_likelihood(
     transitions: Tensor,
     *,
     method: str = "auto",
+    validate: bool = True,
 ) -> Tensor:
     """Log-likelihood log p(tags | emissions) per sequence (pytorch-crf ``reduction="none"``).
 
@@ -216,29 +229,32 @@ def crf_log_likelihood(
         tags: (B, n) long gold tags in [0, T) where ``mask`` is True (ignored elsewhere).
         mask: (B, n) bool, left-aligned, first timestep all True.
         start, end: (T,); transitions: (T, T) with ``[i, j]`` = score of tag i -> tag j.
-        method: see `crf_log_partition`.
+        method, validate: see `crf_log_partition`.
 
     Returns:
         (B,) fp32 (fp64 if any input is fp64) gold path score minus log partition.
     """
-    mask = check_inputs(emissions, mask, start, end, transitions, tags=tags)
+    mask = check_inputs(emissions, mask, start, end, transitions, tags=tags) if validate else _as_bool(mask)
     gold = crf_gold_score(emissions, tags, mask, start, end, transitions)
     return gold - _log_partition(emissions, mask, start, end, transitions, method)
 
 
 @torch.no_grad()
-def crf_viterbi(emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor):
+def crf_viterbi(
+    emissions: Tensor, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor, *, validate: bool = True
+) -> tuple[Tensor, Tensor]:
     """Best tag paths, with the same arithmetic and tie-breaking as ``torchcrf.CRF.decode``.
 
     Args:
         emissions: (B, n, T) float; mask: (B, n) bool, left-aligned, first timestep all True;
-        start, end: (T,); transitions: (T, T).
+        start, end: (T,); transitions: (T, T). validate: see `crf_log_partition`.
 
     Returns:
         tags: (B, n) long, best path on real tokens, 0 on padding; lengths: (B,) long. The backtrace is vectorized
-        (gather per step, no per-sequence loop, no host sync beyond input validation).
+        (gather per step, no per-sequence loop, no host sync beyond input validation). NaN scores: ``torch.max``
+        picks a NaN's index, so every tag is an index of the tag dimension, in [0, T) (which path is unspecified).
     """
-    mask = check_inputs(emissions, mask, start, end, transitions)
+    mask = check_inputs(emissions, mask, start, end, transitions) if validate else _as_bool(mask)
     dtype = _compute_dtype(emissions, start, end, transitions)
     em, start, end, trans = (x.to(dtype) for x in (emissions, start, end, transitions))
     b, n, t = em.shape

@@ -25,7 +25,7 @@ def check_inputs(
     lengths: Tensor | None,
     dropout_p: float,
 ) -> None:
-    """Validate shapes, dtypes, mask / lengths and dropout_p (no host sync).
+    """Validate shapes, devices, mask / lengths and dropout_p (no host sync).
 
     Raises:
         ValueError: naming the first problem.
@@ -41,8 +41,9 @@ def check_inputs(
         raise ValueError(
             f"batch/head/head-dim mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, k_p {tuple(k_p.shape)}"
         )
-    if key_padding_mask is not None and lengths is not None:
-        raise ValueError("pass key_padding_mask or lengths, not both")
+    devices = {t.device for t in (q, k, v, k_p, v_p, key_padding_mask, lengths) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if lengths is not None and lengths.shape != (b,):
@@ -65,27 +66,31 @@ def prefix_attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     generator: torch.Generator | None = None,
+    validate: bool = True,
 ) -> Tensor:
     """Attention of n queries over m prefix slots plus n_k tokens.
 
     Args:
         q: (B, H, n, d) queries; k, v: (B, H, n_k, d) token keys / values (n_k = n for self-attention);
             k_p, v_p: (B, H, m, d) prefix keys / values, m >= 0, all always visible.
-        key_padding_mask: (B, n_k) bool, True = real token (visible); or ``lengths``: (B,) long, tokens [0, len)
-            visible. At most one of the two; neither = every token visible.
+        key_padding_mask: (B, n_k) bool, True = real token (visible); ``lengths``: (B,) int, tokens [0, len)
+            visible. Both: ANDed; neither: every token visible.
         dropout_p: attention-probability dropout in [0, 1) (inverted scaling), drawn from ``generator``
             (one draw over the joined (n, m + n_k) probability block, prefix columns first).
         scale: score scale, default 1 / sqrt(d).
+        validate: run :func:`check_inputs` first (False: the caller did).
 
     Returns:
         (B, H, n, d) in q's dtype. A query whose tokens are all padded attends to the prefix only; with m = 0 and
         no visible key its output is 0 (never NaN).
     """
-    check_inputs(q, k, v, k_p, v_p, key_padding_mask, lengths, dropout_p)
+    if validate:
+        check_inputs(q, k, v, k_p, v_p, key_padding_mask, lengths, dropout_p)
     b, h, _, d = q.shape
     n_k = k.shape[2]
     if lengths is not None:
-        key_padding_mask = torch.arange(n_k, device=q.device) < lengths.unsqueeze(1)  # shape: (B, n_k)
+        in_length = torch.arange(n_k, device=q.device) < lengths.unsqueeze(1)  # shape: (B, n_k)
+        key_padding_mask = in_length if key_padding_mask is None else key_padding_mask & in_length
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     dtype = torch.promote_types(q.dtype, torch.float32)
     m = k_p.shape[2]

@@ -1,0 +1,97 @@
+"""tpm_fast.ops.backend: backend resolution, the one dtype / head-dim / tag rules, and the first-use self-check (run
+here on CPU under the Triton interpreter by letting ``"auto"`` pick Triton on CPU tensors)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import tpm_fast.kernels.prefix_attention as attention_kernels
+from tpm_fast.ops import backend
+from tpm_fast.ops.prefix_attention import prefix_attention
+from tpm_fast.reference.prefix_attention import prefix_attention as reference
+
+CPU = torch.device("cpu")
+
+
+def test_resolve_rules():
+    assert backend.resolve("reference", "prefix_attention", CPU, torch.float32, None) == "reference"
+    assert backend.resolve("auto", "prefix_attention", CPU, torch.float32, None) == "reference"  # CPU: reference
+    assert backend.resolve("triton", "prefix_attention", CPU, torch.float32, None) == "triton"  # interpreter
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend.resolve("cuda", "prefix_attention", CPU, torch.float32, None)
+    reason = backend.attention_unsupported(torch.float64, 64)
+    assert "fp32/fp16/bf16" in reason
+    with pytest.raises(ValueError, match="fp32/fp16/bf16"):
+        backend.resolve("triton", "prefix_attention", CPU, torch.float64, reason)
+    assert "power of 2" in backend.attention_unsupported(torch.float32, 48)
+    assert backend.attention_unsupported(torch.bfloat16, 128) is None
+    assert f"at most {backend.MAX_TAGS}" in backend.crf_unsupported(torch.float32, backend.MAX_TAGS + 1)
+    assert backend.crf_unsupported(torch.bfloat16, 10) is None
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = [torch.randn(2, 2, 9, 16, generator=g) for _ in range(3)]
+    return qkv + [torch.randn(2, 2, 3, 16, generator=g) for _ in range(2)]
+
+
+@pytest.fixture
+def auto_on_cpu(monkeypatch):
+    """``"auto"`` may pick Triton on CPU tensors (the interpreter), with a fresh self-check cache."""
+    monkeypatch.setattr(backend, "AUTO_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(backend, "_PASSED", {})
+    monkeypatch.delenv("TPM_FAST_SELF_CHECK", raising=False)
+
+
+def test_self_check_passes_and_auto_then_runs_triton(auto_on_cpu, monkeypatch):
+    launches = []
+    launch = attention_kernels.launch_prefix_attention_fwd
+    monkeypatch.setattr(attention_kernels, "launch_prefix_attention_fwd", lambda *a: launches.append(1) or launch(*a))
+    with warnings.catch_warnings(), torch.no_grad():  # the first call under no_grad: the check still runs backward
+        warnings.simplefilter("error")
+        out = prefix_attention(*_inputs())
+    assert backend._PASSED == {("prefix_attention", "cpu", torch.float32): True}
+    checked = len(launches)
+    assert checked >= 2  # the self-check's own Triton runs, then this call's
+    torch.testing.assert_close(out, reference(*_inputs()), rtol=1e-5, atol=1e-5)
+    prefix_attention(*_inputs())
+    assert len(launches) == checked + 1  # checked once per device, not per call
+
+
+def test_wrong_kernel_warns_once_and_falls_back_to_the_reference(auto_on_cpu, monkeypatch):
+    launch = attention_kernels.launch_prefix_attention_fwd
+
+    def wrong(*args):  # an injected miscompiled kernel: output off by 1 %
+        out, lse = launch(*args)
+        return out * 1.01, lse
+
+    monkeypatch.setattr(attention_kernels, "launch_prefix_attention_fwd", wrong)
+    with pytest.warns(
+        RuntimeWarning, match=r"prefix_attention kernel failed its first-use self-check on cpu \(float32\)"
+    ):
+        out = prefix_attention(*_inputs())
+    assert torch.equal(out, reference(*_inputs()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later calls are silent, still the reference
+        assert torch.equal(prefix_attention(*_inputs(1)), reference(*_inputs(1)))
+    assert backend._PASSED == {("prefix_attention", "cpu", torch.float32): False}
+
+
+def test_self_check_can_be_turned_off(auto_on_cpu, monkeypatch):
+    monkeypatch.setenv("TPM_FAST_SELF_CHECK", "0")
+    monkeypatch.setattr(
+        attention_kernels, "launch_prefix_attention_fwd", lambda *a: (_ for _ in ()).throw(AssertionError)
+    )
+    with pytest.raises(AssertionError):  # no check: "auto" goes straight to the (here broken) kernel
+        prefix_attention(*_inputs())
+    assert backend._PASSED == {}
+
+
+def test_16_bit_inputs_need_bf16_hardware(auto_on_cpu, monkeypatch):
+    monkeypatch.setattr(backend, "_bf16_capable", lambda device: False)  # as on a compute capability 7.x GPU
+    assert backend.resolve("auto", "prefix_attention", CPU, torch.bfloat16, None) == "reference"
+    monkeypatch.setattr(backend, "self_check_passed", lambda op, device, dtype: True)
+    assert backend.resolve("auto", "prefix_attention", CPU, torch.float32, None) == "triton"
