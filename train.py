@@ -50,6 +50,7 @@ from tpm_fast.engine import (
     to_device,
 )
 from tpm_fast.flops import padding_share, peak_flops, step_flops
+from tpm_fast.info import summary as backend_summary
 from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.model import IMAGE_MODES, TPMConfig, build_model
 from tpm_fast.ops.backend import BACKENDS
@@ -95,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--backend",
         default="auto",
         choices=BACKENDS,
-        help="attention and CRF kernels: auto = Triton on CUDA, the PyTorch reference on CPU",
+        help="attention and CRF kernels: auto = Triton on CUDA, the native C++ kernels on CPU (the PyTorch reference "
+        "where they are missing: python -m tpm_fast.info)",
     )
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=15)
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     progress = rank == 0 and not args.no_progress
     say = print if rank == 0 else (lambda *a, **k: None)
+    say(backend_summary())  # python -m tpm_fast.info says more
 
     # data
     data_dir = Path(args.data_dir) if args.data_dir else ensure_synthetic_corpus()

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tpm_fast.ops.backend import native_unavailable_reason
 from tpm_fast.ops.prefix_attention import prefix_attention
 
 H, D, M = 12, 64, 4
@@ -74,6 +75,10 @@ def triton(q, k, v, k_p, v_p, lengths):
     return prefix_attention(q, k, v, k_p, v_p, lengths=lengths, backend="triton")
 
 
+def native(q, k, v, k_p, v_p, lengths):
+    return prefix_attention(q, k, v, k_p, v_p, lengths=lengths, backend="native")
+
+
 def _mask(lengths, n):
     return torch.arange(n, device=lengths.device) < lengths.unsqueeze(1)  # shape: (B, n)
 
@@ -86,6 +91,7 @@ PROVIDERS = {
     "flash_varlen": flash_varlen,
     "reference": reference,
     "triton": triton,
+    "native": native,
 }
 CUDA_ONLY = {"flash_varlen", "triton", "sdpa_efficient", "sdpa_cudnn"}
 
@@ -95,7 +101,7 @@ CUDA_ONLY = {"flash_varlen", "triton", "sdpa_efficient", "sdpa_cudnn"}
 @pytest.mark.parametrize("b,n", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefix_attention(bench, bench_device, dtype, b, n, mode, provider):
-    if bench_device.type != "cuda" and (dtype != torch.float32 or provider in CUDA_ONLY):
+    if bench_device.type != "cuda" and (dtype != torch.float32 and provider != "native" or provider in CUDA_ONLY):
         pytest.skip("bf16 attention and the GPU kernels are only benchmarked on CUDA")
     if provider == "flash_varlen" and (importlib.util.find_spec("flash_attn") is None or dtype == torch.float32):
         pytest.skip("flash_attn is not installed" if dtype != torch.float32 else "flash_attn has no fp32 kernels")
@@ -104,6 +110,8 @@ def test_prefix_attention(bench, bench_device, dtype, b, n, mode, provider):
     k_p, v_p = (torch.randn(b, H, M, D, generator=g).to(bench_device, dtype).requires_grad_(True) for _ in range(2))
     lengths = torch.randint(n // 2, n + 1, (b,), generator=g).to(bench_device)
     fn = PROVIDERS[provider]
+    if provider == "native" and (bench_device.type != "cpu" or native_unavailable_reason() is not None):
+        pytest.skip(f"native: {native_unavailable_reason() or 'CPU tensors only'}")
     if provider.startswith("sdpa_"):
         try:
             fn(q, k, v, k_p, v_p, lengths)

@@ -11,6 +11,7 @@ import torch
 import torchcrf
 
 from tpm_fast.layers.crf import CRF
+from tpm_fast.ops.backend import native_unavailable_reason
 
 NUM_TAGS = 10
 SHAPES = [
@@ -35,12 +36,14 @@ def _setup(provider, b, n, device):
     return crf, emissions, tags, mask
 
 
-@pytest.mark.parametrize("provider", ["pytorch-crf", "reference", "triton"])
+@pytest.mark.parametrize("provider", ["pytorch-crf", "reference", "triton", "native"])
 @pytest.mark.parametrize("mode", ["forward", "forward_backward", "decode"])
 @pytest.mark.parametrize("b,n", SHAPES)
 def test_crf(bench, bench_device, b, n, mode, provider):
     if provider == "triton" and bench_device.type != "cuda":
         pytest.skip("the Triton CRF is only benchmarked on CUDA")
+    if provider == "native" and (bench_device.type != "cpu" or native_unavailable_reason() is not None):
+        pytest.skip(f"native: {native_unavailable_reason() or 'CPU tensors only'}")
     crf, emissions, tags, mask = _setup(provider, b, n, bench_device)
 
     def forward():

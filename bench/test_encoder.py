@@ -1,7 +1,8 @@
 """One 12-layer prompted BERT-base encoder step (forward + backward): HF sdpa + ``DynamicCache`` vs ours.
 
 ``hf_sdpa_cache`` is what HVPNeT-style code runs (the prefix concatenated into every layer's K/V by the cache);
-``prompted_<backend>`` is :func:`tpm_fast.prompted_bert` with the fused kernel on CUDA (the reference on CPU).
+``prompted_<backend>`` is :func:`tpm_fast.prompted_bert` on ``backend="auto"`` (Triton on CUDA, the native C++ kernel on
+CPU when built), ``prompted_reference`` the same on the PyTorch reference (CPU only).
 Random weights of the BERT-base shape (d_t 768, H 12, d_h 64, FFN 3072), m = 4 prefix slots, ~25 % padding.
 On CUDA, ``extra_info["peak_mb"]`` holds the step's peak allocated memory.
 """
@@ -13,10 +14,11 @@ import torch
 from transformers import BertConfig, BertModel, DynamicCache
 
 from tpm_fast.layers.prompted_bert import prompted_bert
+from tpm_fast.ops.backend import attention_unsupported, resolve
 
 LAYERS, H, D, M = 12, 12, 64, 4
 SHAPES = [(8, 64), pytest.param(32, 64, marks=pytest.mark.big), pytest.param(32, 128, marks=pytest.mark.big)]
-PROVIDERS = ["hf_sdpa_cache", "prompted"]
+PROVIDERS = ["hf_sdpa_cache", "prompted_reference", "prompted"]
 
 
 def _bert(device, dtype) -> BertModel:
@@ -36,6 +38,9 @@ def _bert(device, dtype) -> BertModel:
 def test_encoder_step(bench, bench_device, dtype, b, n, provider):
     if dtype != torch.float32 and bench_device.type != "cuda":
         pytest.skip("bf16 encoder steps are only benchmarked on CUDA")
+    if provider == "prompted_reference" and bench_device.type == "cuda":
+        pytest.skip("the reference is the CPU fallback: not timed on CUDA")
+    backend = "reference" if provider == "prompted_reference" else "auto"
     torch.manual_seed(0)
     bert = _bert(bench_device, dtype)
     ids = torch.randint(0, bert.config.vocab_size, (b, n), device=bench_device)
@@ -52,15 +57,12 @@ def test_encoder_step(bench, bench_device, dtype, b, n, provider):
             cache = DynamicCache([(k, v) for k, v in prefix])  # a new cache per forward, as HVPNeT does
             hidden = bert(input_ids=ids, attention_mask=full_mask, cache=cache).last_hidden_state
         else:
-            hidden = prompted_bert(bert, ids, mask, prefix)
+            hidden = prompted_bert(bert, ids, mask, prefix, backend=backend)
         hidden.float().square().mean().backward()
         bert.zero_grad(set_to_none=True)
 
-    name = (
-        provider
-        if provider == "hf_sdpa_cache"
-        else f"prompted_{'triton' if bench_device.type == 'cuda' else 'reference'}"
-    )
+    chosen = resolve(backend, "prefix_attention", bench_device, dtype, attention_unsupported(dtype, D))
+    name = provider if provider == "hf_sdpa_cache" else f"prompted_{chosen}"
     info = {} if bench_device.type == "cuda" else {"rounds": 5}  # a CPU step takes seconds
     if bench_device.type == "cuda":
         step()  # warm-up (kernel compilation), then the peak of one step

@@ -18,7 +18,8 @@ CPU = torch.device("cpu")
 
 def test_resolve_rules():
     assert backend.resolve("reference", "prefix_attention", CPU, torch.float32, None) == "reference"
-    assert backend.resolve("auto", "prefix_attention", CPU, torch.float32, None) == "reference"  # CPU: reference
+    native_or_reference = "native" if backend.native_unavailable_reason() is None else "reference"
+    assert backend.resolve("auto", "prefix_attention", CPU, torch.float32, None) == native_or_reference
     assert backend.resolve("triton", "prefix_attention", CPU, torch.float32, None) == "triton"  # interpreter
     with pytest.raises(ValueError, match="backend must be one of"):
         backend.resolve("cuda", "prefix_attention", CPU, torch.float32, None)
@@ -95,3 +96,34 @@ def test_16_bit_inputs_need_bf16_hardware(auto_on_cpu, monkeypatch):
     assert backend.resolve("auto", "prefix_attention", CPU, torch.bfloat16, None) == "reference"
     monkeypatch.setattr(backend, "self_check_passed", lambda op, device, dtype: True)
     assert backend.resolve("auto", "prefix_attention", CPU, torch.float32, None) == "triton"
+
+
+# ------------------------------------------------------------------------------------------------ native kernels
+
+
+@pytest.fixture
+def without_native(monkeypatch):
+    """As on a machine where tpm_fast._C was not built."""
+    from tpm_fast.ops import native
+
+    monkeypatch.setattr(native, "_STATE", {"reason": "tpm_fast._C is not available (simulated)"})
+
+
+def test_native_unavailable_auto_falls_back_and_forcing_it_says_why(without_native):
+    assert backend.resolve("auto", "crf", CPU, torch.float32, None) == "reference"
+    with pytest.raises(ValueError, match=r"backend='native': tpm_fast._C is not available \(simulated\)"):
+        backend.resolve("native", "crf", CPU, torch.float32, None)
+    q = _inputs()
+    assert torch.equal(prefix_attention(*q), reference(*q))
+
+
+def test_native_rules():
+    if backend.native_unavailable_reason() is not None:
+        pytest.skip("tpm_fast._C is not built here")
+    assert backend.resolve("auto", "prefix_attention", CPU, torch.float32, None) == "native"
+    assert backend.resolve("auto", "prefix_attention", CPU, torch.float64, None) == "reference"  # not native's dtype
+    assert backend.resolve("auto", "crf", CPU, torch.float16, None) == "native"
+    with pytest.raises(ValueError, match="takes"):
+        backend.resolve("native", "prefix_attention", CPU, torch.float16, None)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        backend.resolve("native", "crf", torch.device("cuda"), torch.float32, None)

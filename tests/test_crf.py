@@ -213,7 +213,10 @@ def test_viterbi_ties_broken_like_pytorch_crf(seed):
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def test_auto_on_cpu_is_the_reference_and_errors():
+def test_auto_on_cpu_without_native_is_the_reference_and_errors(monkeypatch):
+    from tpm_fast.ops import native
+
+    monkeypatch.setattr(native, "_STATE", {"reason": "simulated: tpm_fast._C not built"})
     em, tags, mask, params = _inputs(3, 4, 5, seed=3, device="cpu")
     for backend_name in ("auto", "reference"):
         torch.testing.assert_close(

@@ -273,7 +273,10 @@ def test_dropout_seeds_and_drop_fraction():
 # -------------------------------------------------------------------------------------------------- dispatch
 
 
-def test_auto_on_cpu_is_the_reference(monkeypatch):
+def test_auto_on_cpu_without_native_is_the_reference(monkeypatch):
+    from tpm_fast.ops import native
+
+    monkeypatch.setattr(native, "_STATE", {"reason": "simulated: tpm_fast._C not built"})
     inputs = _inputs(2, 2, 9, 9, 3, 16, seed=18, device="cpu")
     lengths = torch.tensor([9, 4])
     assert torch.equal(prefix_attention(*inputs, lengths=lengths), reference(*inputs, lengths=lengths))

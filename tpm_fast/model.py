@@ -73,8 +73,9 @@ class TPMMI(nn.Module):
     (B, n) bool, ``labels`` (B, n) long, ``pixel_values`` (N, 3, S, S) float (present images only),
     ``image_post`` / ``image_slot`` (N,) long and ``image_mask`` (B, m) bool.
 
-    ``backend`` picks the attention and CRF kernels: ``"auto"`` (Triton on CUDA, the PyTorch reference elsewhere),
-    ``"triton"`` or ``"reference"``; it is a run-time choice, not part of the saved config.
+    ``backend`` picks the attention and CRF kernels: ``"auto"`` (Triton on CUDA, the native C++ kernels on CPU, else
+    the PyTorch reference), ``"triton"``, ``"native"`` or ``"reference"``; a run-time choice, not part of the saved
+    config.
     """
 
     def __init__(

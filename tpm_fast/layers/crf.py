@@ -21,7 +21,8 @@ class CRF(nn.Module):
     Args:
         num_tags: number of tags T.
         batch_first: inputs are (B, n, ...) when True, (n, B, ...) when False (pytorch-crf's default).
-        backend: ``"auto"`` (Triton on CUDA, the PyTorch reference elsewhere), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA, native C++ on CPU, else the PyTorch reference), ``"triton"``,
+            ``"native"`` or ``"reference"``.
 
     Parameters ``start_transitions`` (T,), ``end_transitions`` (T,), ``transitions`` (T, T) (``[i, j]`` = i -> j),
     initialized uniform(-0.1, 0.1); a ``torchcrf.CRF`` state_dict loads as is. Masks are (B, n) bool, left-aligned,

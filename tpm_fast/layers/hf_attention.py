@@ -84,7 +84,8 @@ def apply_to_bert(model: PreTrainedModel, backend: str = "auto") -> PreTrainedMo
 
     Args:
         model: e.g. ``transformers.BertModel`` or a task model wrapping one.
-        backend: ``"auto"`` (Triton on CUDA, the PyTorch reference elsewhere), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA, native C++ on CPU, else the PyTorch reference), ``"triton"``,
+            ``"native"`` or ``"reference"``.
 
     Returns:
         The same model, for chaining.

@@ -35,8 +35,8 @@ def prompted_bert(
         prefix: one ``(k_p, v_p)`` pair per layer, each (B, H, m, d_h), or None for plain BERT (text-only mode).
         shift_positions: start token position ids at m, as transformers does with a prefix cache (the authors'
             checkpoints were trained so); False starts them at 0.
-        backend: attention backend, ``"auto"`` (Triton on CUDA, the reference elsewhere), ``"triton"`` or
-            ``"reference"``; resolved once per call, and the first layer's inputs validated, not every layer's.
+        backend: attention backend, ``"auto"`` (Triton on CUDA, native C++ on CPU, else the reference), ``"triton"``,
+            ``"native"`` or ``"reference"``; resolved once per call, and only the first layer's inputs validated.
 
     Returns:
         (B, n, d_t) last hidden states, in the dtype of the embeddings.

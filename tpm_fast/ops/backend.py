@@ -1,11 +1,15 @@
-"""Which implementation a fused op runs: ``"auto"`` | ``"triton"`` | ``"reference"``, decided once per module call.
+"""Which implementation a fused op runs: ``"auto"`` | ``"triton"`` | ``"native"`` | ``"reference"``, decided once per
+module call.
 
 - ``"reference"``: the pure-PyTorch reference (`tpm_fast.reference`), on any device.
 - ``"triton"``: the fused kernels; CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
   Inputs the kernels do not cover raise ``ValueError``.
-- ``"auto"``: Triton on CUDA tensors when Triton is importable, the inputs are covered (:func:`attention_unsupported`,
+- ``"native"``: the C++ CPU kernels of the extension ``tpm_fast._C`` (``csrc/``), on CPU tensors; fp32 / bf16
+  attention inputs (fp16 too for the CRF's emissions), any head dim and tag count.
+- ``"auto"``: on CUDA, Triton when Triton is importable, the inputs are covered (:func:`attention_unsupported`,
   :func:`crf_unsupported`), the device has bf16 (compute capability >= 8.0) for 16-bit inputs, and the op passed its
-  first-use self-check on that device; the reference everywhere else.
+  first-use self-check on that device; on CPU, the native kernels when the extension is built and covers the dtype;
+  the reference everywhere else.
 
 Self-check: the first time ``"auto"`` would pick Triton for an op on a device, the op's registered check runs a tiny
 case (a few ms) against the reference, forward and backward. On a mismatch (or an error) it warns once, naming the
@@ -29,19 +33,25 @@ __all__ = [
     "check_backend",
     "crf_unsupported",
     "interpreting",
+    "native_unavailable_reason",
     "register_self_check",
     "resolve",
     "self_check_passed",
     "triton_available",
 ]
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "native", "reference")
 MAX_TAGS = 64
 """Most tags the Triton CRF takes (its (T, T) tile lives in registers); more run the reference."""
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 AUTO_DEVICE_TYPES = ("cuda",)
 """Device types on which ``"auto"`` may pick Triton (tests add ``"cpu"`` to exercise the self-check)."""
+NATIVE_DTYPES = {
+    "prefix_attention": (torch.float32, torch.bfloat16),
+    "crf": (torch.float32, torch.float16, torch.bfloat16),
+}
+"""Input dtypes the native CPU kernels take, per op."""
 
 _TRITON: list[bool] = []  # filled on first use (not functools.cache: torch.compile traces through this)
 _SELF_CHECKS: dict[str, Callable[[torch.device, torch.dtype], str | None]] = {}
@@ -83,6 +93,13 @@ def crf_unsupported(dtype: torch.dtype, num_tags: int) -> str | None:
     if dtype not in KERNEL_DTYPES:
         return f"the Triton CRF computes in fp32: {dtype} inputs need backend='reference' (or 'auto')"
     return None
+
+
+def native_unavailable_reason() -> str | None:
+    """None when the native extension ``tpm_fast._C`` is loaded (it is loaded on first call), else why not."""
+    from tpm_fast.ops import native
+
+    return native.unavailable_reason()
 
 
 def _bf16_capable(device: torch.device) -> bool:
@@ -133,7 +150,7 @@ def self_check_passed(op: str, device: torch.device, dtype: torch.dtype = torch.
 
 
 def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, unsupported: str | None) -> str:
-    """Map a requested backend to ``"triton"`` or ``"reference"`` for one call of ``op``.
+    """Map a requested backend to ``"triton"``, ``"native"`` or ``"reference"`` for one call of ``op``.
 
     Args:
         backend: one of :data:`BACKENDS`.
@@ -143,20 +160,32 @@ def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, uns
             :func:`crf_unsupported`), or None.
 
     Raises:
-        ValueError: unknown backend, or ``"triton"`` where it cannot run (no Triton, CPU tensors without
-            ``TRITON_INTERPRET=1``, inputs the kernels do not cover).
+        ValueError: unknown backend, ``"triton"`` where it cannot run (no Triton, CPU tensors without
+            ``TRITON_INTERPRET=1``, inputs the kernels do not cover), or ``"native"`` where it cannot (extension
+            not built, CUDA tensors, a dtype it does not take).
     """
     if check_backend(backend) == "reference":
         return backend
-    if backend == "auto":
+    if backend == "auto" and device.type in AUTO_DEVICE_TYPES:
         ok = (
-            device.type in AUTO_DEVICE_TYPES
-            and unsupported is None
+            unsupported is None
             and triton_available()
             and (dtype == torch.float32 or _bf16_capable(device))
             and self_check_passed(op, device, dtype)
         )
         return "triton" if ok else "reference"
+    if backend in ("auto", "native"):
+        problem = native_unavailable_reason()
+        if problem is None and device.type != "cpu":
+            problem = f"the native kernels run on CPU tensors (CUDA ones are not built), got {device}"
+        if problem is None and dtype not in NATIVE_DTYPES[op]:
+            names = [str(d).removeprefix("torch.") for d in NATIVE_DTYPES[op]]
+            problem = f"the native {op} kernel takes {names} inputs, got {dtype}"
+        if problem is None:
+            return "native"
+        if backend == "native":
+            raise ValueError(f"backend='native': {problem}")
+        return "reference"
     if not triton_available():
         raise ValueError("backend='triton' needs the triton package (pip install triton)")
     if device.type != "cuda" and not interpreting():

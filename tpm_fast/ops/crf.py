@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from tpm_fast.ops import backend as _backend
+from tpm_fast.ops import native as _native
 from tpm_fast.reference import crf as _ref
 
 __all__ = ["CRFLogLikelihoodFunc", "crf_log_likelihood", "crf_log_partition", "crf_viterbi", "self_check"]
@@ -251,10 +252,13 @@ def _forward(emissions, tags, mask, start, end, transitions, backend: str, valid
     """`crf_log_likelihood` (``tags`` given) or `crf_log_partition` (``tags=None``): validate, resolve, dispatch."""
     if validate:
         mask = _validate(emissions, mask, start, end, transitions, tags)
-    if _resolve(backend, emissions, start, end, transitions) == "reference":
+    chosen = _resolve(backend, emissions, start, end, transitions)
+    if chosen == "reference":
         if tags is None:
             return _ref.crf_log_partition(emissions, mask, start, end, transitions, validate=False)
         return _ref.crf_log_likelihood(emissions, tags, mask, start, end, transitions, validate=False)
+    if chosen == "native":  # C++ CPU kernels; autograd and fakes registered in tpm_fast.ops.native
+        return _native.load().crf_forward(emissions, tags, mask.bool(), start, end, transitions)[0]
     if torch.compiler.is_compiling():
         return _crf_forward(emissions, tags, mask, start, end, transitions)[0]
     return CRFLogLikelihoodFunc.apply(emissions, tags, mask, start, end, transitions)
@@ -283,8 +287,12 @@ def crf_viterbi(
     """
     if validate:
         mask = _validate(emissions, mask, start, end, transitions)
-    if _resolve(backend, emissions, start, end, transitions) == "reference":
+    chosen = _resolve(backend, emissions, start, end, transitions)
+    if chosen == "reference":
         return _ref.crf_viterbi(emissions, mask, start, end, transitions, validate=False)
+    if chosen == "native":
+        params = (start.detach(), end.detach(), transitions.detach())
+        return _native.load().crf_viterbi(emissions.detach(), mask.bool(), *params)
     if torch.compiler.is_compiling():
         return _crf_viterbi(emissions.detach(), mask, start.detach(), end.detach(), transitions.detach())
     return _kernels().launch_crf_viterbi(emissions, mask, start, end, transitions)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from tpm_fast.ops import backend as _backend
+from tpm_fast.ops import native as _native
 from tpm_fast.reference.prefix_attention import check_inputs
 from tpm_fast.reference.prefix_attention import prefix_attention as reference_prefix_attention
 
@@ -206,9 +207,12 @@ def prefix_attention(
     if not q.dtype == k.dtype == v.dtype == k_p.dtype == v_p.dtype:
         dtype = _widest(q, k, v, k_p, v_p)
         q, k, v, k_p, v_p = (t.to(dtype) for t in (q, k, v, k_p, v_p))
-    q, k, v, k_p, v_p = _kernels().canonical_inputs(q, k, v, k_p, v_p)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     seed = draw_dropout_seed(q.device, generator) if dropout_p > 0.0 else None
+    if backend == "native":  # C++ CPU kernel (any strides); autograd and fakes registered in tpm_fast.ops.native
+        args = (key_padding_mask, lengths, seed, float(dropout_p), scale)
+        return _native.load().prefix_attention_fwd(q, k, v, k_p, v_p, *args)[0]
+    q, k, v, k_p, v_p = _kernels().canonical_inputs(q, k, v, k_p, v_p)
     if torch.compiler.is_compiling():
         return _fwd_op(q, k, v, k_p, v_p, key_padding_mask, lengths, seed, float(dropout_p), scale)[0]
     return PrefixAttentionFunc.apply(q, k, v, k_p, v_p, key_padding_mask, lengths, seed, float(dropout_p), scale)
