@@ -18,8 +18,7 @@ CPU = torch.device("cpu")
 
 def test_resolve_rules():
     assert backend.resolve("reference", "prefix_attention", CPU, torch.float32, None) == "reference"
-    native_or_reference = "native" if backend.native_unavailable_reason() is None else "reference"
-    assert backend.resolve("auto", "prefix_attention", CPU, torch.float32, None) == native_or_reference
+    assert backend.resolve("auto", "prefix_attention", CPU, torch.float32, None) == "reference"  # see AUTO_NATIVE
     assert backend.resolve("triton", "prefix_attention", CPU, torch.float32, None) == "triton"  # interpreter
     with pytest.raises(ValueError, match="backend must be one of"):
         backend.resolve("cuda", "prefix_attention", CPU, torch.float32, None)
@@ -109,7 +108,8 @@ def without_native(monkeypatch):
     monkeypatch.setattr(native, "_STATE", {"reason": "tpm_fast._C is not available (simulated)"})
 
 
-def test_native_unavailable_auto_falls_back_and_forcing_it_says_why(without_native):
+def test_native_unavailable_auto_falls_back_and_forcing_it_says_why(without_native, monkeypatch):
+    monkeypatch.setattr(backend, "AUTO_NATIVE", True)
     assert backend.resolve("auto", "crf", CPU, torch.float32, None) == "reference"
     with pytest.raises(ValueError, match=r"backend='native': tpm_fast._C is not available \(simulated\)"):
         backend.resolve("native", "crf", CPU, torch.float32, None)
@@ -117,9 +117,12 @@ def test_native_unavailable_auto_falls_back_and_forcing_it_says_why(without_nati
     assert torch.equal(prefix_attention(*q), reference(*q))
 
 
-def test_native_rules():
+def test_native_rules(monkeypatch):
     if backend.native_unavailable_reason() is not None:
         pytest.skip("tpm_fast._C is not built here")
+    assert backend.resolve("native", "prefix_attention", CPU, torch.float32, None) == "native"
+    assert backend.resolve("auto", "prefix_attention", CPU, torch.float32, None) == "reference"  # AUTO_NATIVE off
+    monkeypatch.setattr(backend, "AUTO_NATIVE", True)
     assert backend.resolve("auto", "prefix_attention", CPU, torch.float32, None) == "native"
     assert backend.resolve("auto", "prefix_attention", CPU, torch.float64, None) == "reference"  # not native's dtype
     assert backend.resolve("auto", "crf", CPU, torch.float16, None) == "native"

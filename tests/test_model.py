@@ -7,6 +7,7 @@ from transformers import ViTConfig, ViTModel
 from tests.oracles import DEVICE
 from tpm_fast.data.labels import LABEL2ID, LABELS
 from tpm_fast.model import TPMMI, TPMConfig, build_model, load_model, save_model
+from tpm_fast.ops.backend import native_unavailable_reason
 
 BERT = dict(
     vocab_size=40,
@@ -176,21 +177,25 @@ def test_build_from_local_pretrained_folders(tmp_path):
         build_model(TPMConfig(), 0, str(tmp_path / "no-such-bert"))
 
 
-def test_triton_backend_matches_reference():
-    """TPM-MI on the fused kernels (Triton interpreter on CPU) == on the reference: loss, every gradient, tags."""
+@pytest.mark.parametrize("fast", ["triton", "native"])
+def test_fast_backends_match_reference(fast):
+    """TPM-MI on the fused kernels (Triton interpreter on CPU; the native C++ kernels) == on the reference: loss,
+    every gradient, tags."""
+    if fast == "native" and native_unavailable_reason() is not None:
+        pytest.skip(native_unavailable_reason())
     bert = dict(BERT, num_attention_heads=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # d_h 16
     config = TPMConfig(bert=bert, vit=VIT, prefix_hidden=24, temporal_heads=2, temporal_ffn=32, dropout=0.0)
     torch.manual_seed(0)
     model = TPMMI(config).to(DEVICE)
     batch = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in make_batch(MASK, seed=3).items()}
     results = {}
-    for backend in ("reference", "triton"):
+    for backend in ("reference", fast):
         model.backend = backend
         model.zero_grad()
         loss, tags = model(batch, decode=True)
         loss.backward()
         results[backend] = loss, tags, [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    (loss_r, tags_r, grads_r), (loss_t, tags_t, grads_t) = results["reference"], results["triton"]
+    (loss_r, tags_r, grads_r), (loss_t, tags_t, grads_t) = results["reference"], results[fast]
     torch.testing.assert_close(loss_t, loss_r, rtol=1e-5, atol=1e-5)
     assert torch.equal(tags_t, tags_r) and torch.equal(tags_t, model.decode(batch)[0])
     assert len(grads_t) == len(grads_r) > 0

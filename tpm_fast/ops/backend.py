@@ -8,8 +8,8 @@ module call.
   attention inputs (fp16 too for the CRF's emissions), any head dim and tag count.
 - ``"auto"``: on CUDA, Triton when Triton is importable, the inputs are covered (:func:`attention_unsupported`,
   :func:`crf_unsupported`), the device has bf16 (compute capability >= 8.0) for 16-bit inputs, and the op passed its
-  first-use self-check on that device; on CPU, the native kernels when the extension is built and covers the dtype;
-  the reference everywhere else.
+  first-use self-check on that device; the reference everywhere else. On CPU ``"auto"`` will pick the native kernels
+  once :data:`AUTO_NATIVE` is on (see there); until then they run when asked for.
 
 Self-check: the first time ``"auto"`` would pick Triton for an op on a device, the op's registered check runs a tiny
 case (a few ms) against the reference, forward and backward. On a mismatch (or an error) it warns once, naming the
@@ -52,6 +52,11 @@ NATIVE_DTYPES = {
     "crf": (torch.float32, torch.float16, torch.bfloat16),
 }
 """Input dtypes the native CPU kernels take, per op."""
+AUTO_NATIVE = False
+"""Whether ``"auto"`` picks the native kernels for CPU tensors. Off: they match the reference on every test
+(outputs and gradients, to fp32 rounding) and train the embedded default 1.07x faster, but over 3 seeds its dev F1
+came out 2.7 points lower than the reference's (92.9 / 95.5 / 90.8 vs 94.7 / 98.4 / 94.3), which is more than seed
+noise explains; until that is understood the CPU default stays the reference and ``backend="native"`` opts in."""
 
 _TRITON: list[bool] = []  # filled on first use (not functools.cache: torch.compile traces through this)
 _SELF_CHECKS: dict[str, Callable[[torch.device, torch.dtype], str | None]] = {}
@@ -174,7 +179,7 @@ def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, uns
             and self_check_passed(op, device, dtype)
         )
         return "triton" if ok else "reference"
-    if backend in ("auto", "native"):
+    if backend == "native" or (backend == "auto" and AUTO_NATIVE):
         problem = native_unavailable_reason()
         if problem is None and device.type != "cpu":
             problem = f"the native kernels run on CPU tensors (CUDA ones are not built), got {device}"
@@ -185,6 +190,8 @@ def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, uns
             return "native"
         if backend == "native":
             raise ValueError(f"backend='native': {problem}")
+        return "reference"
+    if backend == "auto":
         return "reference"
     if not triton_available():
         raise ValueError("backend='triton' needs the triton package (pip install triton)")
