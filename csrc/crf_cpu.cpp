@@ -55,30 +55,7 @@
 #include <type_traits>
 #include <vector>
 
-// ------------------------------------------------------------------------------------------------ declarations
-// (csrc/tpm_fast.h declares the same signatures; csrc/bindings.cpp registers them as torch.ops.tpm_fast_native.*)
-
-namespace tpm_fast {
-
-// emissions (B, n, T), tags (B, n) int64 or nullopt, mask (B, n) bool, start / end (T,), transitions (T, T).
-// Returns out (B,) fp32 = gold - log Z (with tags) or log Z; alpha (B, n, T) fp32 (rows t >= length: 0).
-std::tuple<at::Tensor, at::Tensor> crf_forward_cpu(const at::Tensor& emissions, const std::optional<at::Tensor>& tags,
-                                                   const at::Tensor& mask, const at::Tensor& start,
-                                                   const at::Tensor& end, const at::Tensor& transitions);
-
-// grad (B,) incoming gradient of out. Returns grad_emissions (B, n, T) contiguous in grad_dtype and per-sequence
-// parameter partials (B, 2T + T*T) fp32 laid out [start (T) | end (T) | transitions (T*T, row-major)].
-std::tuple<at::Tensor, at::Tensor> crf_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& tags,
-                                                    const at::Tensor& mask, const at::Tensor& end,
-                                                    const at::Tensor& transitions, const at::Tensor& alpha,
-                                                    at::ScalarType grad_dtype);
-
-// Returns best tags (B, n) int64 (0 on padding) and lengths (B,) int64.
-std::tuple<at::Tensor, at::Tensor> crf_viterbi_cpu(const at::Tensor& emissions, const at::Tensor& mask,
-                                                   const at::Tensor& start, const at::Tensor& end,
-                                                   const at::Tensor& transitions);
-
-}  // namespace tpm_fast
+#include "tpm_fast.h"  // the declarations; csrc/bindings.cpp registers them as torch.ops.tpm_fast_native.*
 
 // ------------------------------------------------------------------------------------------------ SIMD helpers
 

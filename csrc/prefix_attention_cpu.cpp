@@ -49,25 +49,7 @@
 #warning "prefix_attention_cpu.cpp built without -fopenmp: at::parallel_for (inline OpenMP) would run serially"
 #endif
 
-// Declarations (csrc/tpm_fast.h declares the same).
-namespace tpm_fast {
-
-// q (B, H, n, d), k / v (B, H, n_k, d), k_p / v_p (B, H, m, d): any strides, one dtype (fp32 / bf16 / fp16);
-// key_padding_mask (B, n_k) bool; lengths (B,) int32 / int64; seed (1,) int64 (read when dropout_p > 0).
-// Returns out (B, H, n, d) in q's dtype (empty_like(q)) and lse (B, H, n) fp32 contiguous, log2 units.
-std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_p, const at::Tensor& v_p,
-    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& seed, double dropout_p, double scale);
-
-// Returns dq, dk, dv, dk_p, dv_p (empty_like of each input, same dtypes); padded keys get exactly 0.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_p,
-    const at::Tensor& v_p, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& seed, double dropout_p, double scale);
-
-}  // namespace tpm_fast
+#include "tpm_fast.h"  // the declarations; csrc/bindings.cpp registers them as torch.ops.tpm_fast_native.*
 
 namespace tpm_fast::pa_cpu {
 

@@ -133,22 +133,28 @@ def _(grad, tags, mask, end, transitions, alpha, grad_dtype):
     return alpha.new_empty((b, n, t), dtype=grad_dtype), alpha.new_empty((b, 2 * t + t * t))
 
 
-def _setup_context(ctx, inputs, output):
-    emissions, tags, mask, start, end, transitions = inputs
-    _, alpha = output
-    ctx.save_for_backward(tags, mask, end, transitions, alpha)
-    ctx.dtypes = (emissions.dtype, start.dtype, end.dtype, transitions.dtype)
+def autograd_formulas(bwd_op):
+    """(setup_context, backward) for ``torch.library.register_autograd`` of a forward op returning (out, alpha)
+    whose backward op is ``bwd_op`` (same arguments as ``tpm_fast::crf_backward``): the Triton custom op here, the
+    native one in :mod:`tpm_fast.ops.native`."""
+
+    def setup_context(ctx, inputs, output):
+        emissions, tags, mask, start, end, transitions = inputs
+        ctx.save_for_backward(tags, mask, end, transitions, output[1])
+        ctx.dtypes = (emissions.dtype, start.dtype, end.dtype, transitions.dtype)
+
+    def backward(ctx, grad_out, _grad_alpha):
+        tags, mask, end, transitions, alpha = ctx.saved_tensors
+        d_em, *d_par = ctx.dtypes
+        g_em, g_par = bwd_op(grad_out, tags, mask, end, transitions, alpha, d_em)
+        # alpha is an internal output (saved for this backward); its incoming grad is ignored
+        return (g_em, None, None, *_param_grads(g_par.sum(0), alpha.shape[2], d_par))
+
+    return setup_context, backward
 
 
-def _backward(ctx, grad_out, _grad_alpha):
-    tags, mask, end, transitions, alpha = ctx.saved_tensors
-    d_em, *d_par = ctx.dtypes
-    g_em, g_par = _crf_backward(grad_out, tags, mask, end, transitions, alpha, d_em)
-    # alpha is an internal output (saved for this backward); its incoming grad is ignored
-    return (g_em, None, None, *_param_grads(g_par.sum(0), alpha.shape[2], d_par))
-
-
-_crf_forward.register_autograd(_backward, setup_context=_setup_context)
+_setup, _backward = autograd_formulas(_crf_backward)
+_crf_forward.register_autograd(_backward, setup_context=_setup)
 
 
 @torch.library.custom_op("tpm_fast::crf_viterbi", mutates_args=())

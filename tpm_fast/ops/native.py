@@ -62,34 +62,10 @@ def _register() -> None:
         b, n = emissions.shape[:2]
         return emissions.new_empty((b, n), dtype=torch.long), emissions.new_empty(b, dtype=torch.long)
 
-    def attention_setup(ctx, inputs, output):
-        q, k, v, k_p, v_p, key_padding_mask, lengths, seed, dropout_p, scale = inputs
-        ctx.save_for_backward(q, k, v, k_p, v_p, *output, key_padding_mask, lengths, seed)
-        ctx.dropout_p, ctx.scale = dropout_p, scale
-        ctx.mark_non_differentiable(output[1])
+    from tpm_fast.ops import crf, prefix_attention  # the ops' own formulas, over the native backward ops
 
-    def attention_backward(ctx, grad_out, _grad_lse):
-        q, k, v, k_p, v_p, out, lse, key_padding_mask, lengths, seed = ctx.saved_tensors
-        grads = torch.ops.tpm_fast_native.prefix_attention_bwd(
-            grad_out, q, k, v, k_p, v_p, out, lse, key_padding_mask, lengths, seed, ctx.dropout_p, ctx.scale
-        )
-        return (*grads, None, None, None, None, None)
-
-    torch.library.register_autograd(lib + "prefix_attention_fwd", attention_backward, setup_context=attention_setup)
-
-    def crf_setup(ctx, inputs, output):
-        emissions, tags, mask, start, end, transitions = inputs
-        ctx.save_for_backward(tags, mask, end, transitions, output[1])
-        ctx.dtypes = (emissions.dtype, start.dtype, end.dtype, transitions.dtype)
-        ctx.mark_non_differentiable(output[1])
-
-    def crf_backward(ctx, grad_out, _grad_alpha):
-        tags, mask, end, transitions, alpha = ctx.saved_tensors
-        d_em, *d_par = ctx.dtypes
-        g_em, g_par = torch.ops.tpm_fast_native.crf_backward(grad_out, tags, mask, end, transitions, alpha, d_em)
-        t = alpha.shape[2]
-        g_start, g_end, g_trans = g_par.sum(0).split_with_sizes((t, t, t * t))  # one reduction over the batch
-        grads = (g_start, g_end, g_trans.view(t, t))
-        return (g_em, None, None, *(g.to(d) if g.dtype != d else g for g, d in zip(grads, d_par)))
-
-    torch.library.register_autograd(lib + "crf_forward", crf_backward, setup_context=crf_setup)
+    ops = torch.ops.tpm_fast_native
+    setup, backward = prefix_attention.autograd_formulas(ops.prefix_attention_bwd)
+    torch.library.register_autograd(lib + "prefix_attention_fwd", backward, setup_context=setup)
+    setup, backward = crf.autograd_formulas(ops.crf_backward)
+    torch.library.register_autograd(lib + "crf_forward", backward, setup_context=setup)

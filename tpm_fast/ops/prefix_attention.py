@@ -137,20 +137,27 @@ def _(grad_out, q, k, v, k_p, v_p, out, lse, key_padding_mask, lengths, seed, dr
     return tuple(torch.empty_like(t) for t in (q, k, v, k_p, v_p))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, k_p, v_p, key_padding_mask, lengths, seed, dropout_p, scale = inputs
-    ctx.save_for_backward(q, k, v, k_p, v_p, *output, key_padding_mask, lengths, seed)
-    ctx.dropout_p, ctx.scale = dropout_p, scale
-    ctx.mark_non_differentiable(output[1])
+def autograd_formulas(bwd_op):
+    """(setup_context, backward) for ``torch.library.register_autograd`` of a forward op returning (out, lse) whose
+    backward op is ``bwd_op`` (same arguments as ``tpm_fast::prefix_attention_bwd``): the Triton custom op here, the
+    native one in :mod:`tpm_fast.ops.native`."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, k_p, v_p, key_padding_mask, lengths, seed, dropout_p, scale = inputs
+        ctx.save_for_backward(q, k, v, k_p, v_p, *output, key_padding_mask, lengths, seed)
+        ctx.dropout_p, ctx.scale = dropout_p, scale
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, k_p, v_p, out, lse, key_padding_mask, lengths, seed = ctx.saved_tensors
+        grads = bwd_op(grad_out, q, k, v, k_p, v_p, out, lse, key_padding_mask, lengths, seed, ctx.dropout_p, ctx.scale)
+        return (*grads, None, None, None, None, None)
+
+    return setup_context, backward
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, k_p, v_p, out, lse, key_padding_mask, lengths, seed = ctx.saved_tensors
-    grads = _bwd_op(grad_out, q, k, v, k_p, v_p, out, lse, key_padding_mask, lengths, seed, ctx.dropout_p, ctx.scale)
-    return (*grads, None, None, None, None, None)
-
-
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_setup, _backward = autograd_formulas(_bwd_op)
+_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
 # ------------------------------------------------------------------------------------------------------ public API
