@@ -7,7 +7,10 @@ best dev F1, test F1 and training posts/s (mean over epochs), with the mean of e
   batches, for-each AdamW, one DataLoader worker and 2 compute threads (``TPM_FAST_THREADS=2``), PyTorch reference
   kernels;
 - ``fast``: today's defaults (no engine on one rank, fused AdamW, threads and workers chosen for the machine,
-  length-bucketed batches and bf16 where they pay; on the embedded default neither does);
+  length-bucketed batches and bf16 where they pay, on the embedded default neither does; the native C++ CPU
+  kernels);
+- ``fast_reference_kernels``: the same on the PyTorch reference kernels (``--backend reference``), what ``fast``
+  ran before the native kernels: the pair shows what they change, seed by seed;
 - ``bucketed``: the defaults with length-bucketed batches forced (``--bucket on``), to show what bucketing costs.
 
     python bench/convergence.py --seeds 1 2 3 --out bench/results/convergence.json [-- extra train.py args]
@@ -26,10 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "reference": (
-        ["--zero-stage", "1", "--precision", "fp32", "--bucket", "off", "--no-fused-adamw", "--workers", "1"],
+        ["--zero-stage", "1", "--precision", "fp32", "--bucket", "off", "--no-fused-adamw", "--workers", "1"]
+        + ["--backend", "reference"],
         {"TPM_FAST_THREADS": "2"},
     ),
     "fast": ([], {}),
+    "fast_reference_kernels": (["--backend", "reference"], {}),
     "bucketed": (["--bucket", "on"], {}),
 }
 
@@ -42,6 +47,11 @@ def run(config: str, seed: int, extra: list[str], work: Path) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return collect(config, seed, out)
+
+
+def collect(config: str, seed: int, out: Path) -> dict:
+    """The row of one finished ``train.py`` run from its OUTPUT/metrics.jsonl."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if "epoch" in r]
     final = next(r["final"] for r in records if "final" in r)

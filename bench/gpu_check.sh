@@ -13,7 +13,10 @@ out=${OUT:-bench/results}
 mkdir -p "$out"
 export TRITON_INTERPRET=0 PIP_DISABLE_PIP_VERSION_CHECK=1
 ls wheels/*.whl >/dev/null 2>&1 && pip install -q --no-deps wheels/*.whl
-pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1  # maps kernels/ to tpm_fast.kernels
+# maps kernels/ to tpm_fast.kernels and builds tpm_fast._C with the CUDA CRF (nvcc there; ~1 min for sm_90 only)
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} pip install -v --no-deps --no-build-isolation \
+    -e . 2>&1 | grep "tpm-fast:" | tee "$out/build.txt"
+python -m tpm_fast.info | tee "$out/info.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 # the first-use self-check of each fused op on this device (what backend="auto" runs before picking Triton), timed
 python - <<'PY' 2>&1 | tee "$out/self_check.txt"
@@ -30,7 +33,7 @@ for op, check in _SELF_CHECKS.items():
             took = time.perf_counter() - start
             print(f"self-check {op} {dtype} on {torch.cuda.get_device_name()}, {run}: {problem or 'passed'} ({took:.3f} s)")
 PY
-tests=(tests/test_prefix_attention.py tests/test_crf.py tests/test_crf_layer.py tests/test_hf_attention.py tests/test_backend.py
+tests=(tests/test_prefix_attention.py tests/test_crf.py tests/test_crf_cuda.py tests/test_crf_native.py tests/test_crf_layer.py tests/test_hf_attention.py tests/test_backend.py
        tests/test_prompted_bert.py tests/test_model.py tests/test_reference_crf.py tests/test_reference_prefix_attention.py
        tests/test_profiling.py tests/test_flops.py)
 timeout 200 python -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 | tail -40 | tee "$out/gpu_tests.log"

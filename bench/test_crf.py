@@ -1,5 +1,7 @@
-"""CRF: pytorch-crf (the authors' baseline) vs tpm_fast's CRF on the PyTorch reference and on the Triton kernels
-(CUDA only: the interpreter's times mean nothing): log-likelihood forward, forward+backward, decode.
+"""CRF: pytorch-crf (the authors' baseline) vs tpm_fast's CRF on the PyTorch reference, the Triton kernels (CUDA
+only: the interpreter's times mean nothing) and the native kernels (C++ on CPU; the CUDA CRF where ``tpm_fast._C``
+was built with CUDA: on a GPU this pair decides ``tpm_fast.ops.backend.AUTO_CUDA_NATIVE``): log-likelihood forward,
+forward+backward, decode.
 
 pytorch-crf decodes to Python lists (one ``.item()`` per tag); tpm_fast decodes to a padded LongTensor.
 """
@@ -11,7 +13,7 @@ import torch
 import torchcrf
 
 from tpm_fast.layers.crf import CRF
-from tpm_fast.ops.backend import native_unavailable_reason
+from tpm_fast.ops.backend import native_unsupported
 
 NUM_TAGS = 10
 SHAPES = [
@@ -42,8 +44,8 @@ def _setup(provider, b, n, device):
 def test_crf(bench, bench_device, b, n, mode, provider):
     if provider == "triton" and bench_device.type != "cuda":
         pytest.skip("the Triton CRF is only benchmarked on CUDA")
-    if provider == "native" and (bench_device.type != "cpu" or native_unavailable_reason() is not None):
-        pytest.skip(f"native: {native_unavailable_reason() or 'CPU tensors only'}")
+    if provider == "native" and (problem := native_unsupported("crf", bench_device, torch.float32)):
+        pytest.skip(f"native: {problem}")
     crf, emissions, tags, mask = _setup(provider, b, n, bench_device)
 
     def forward():

@@ -1,8 +1,8 @@
 """One 12-layer prompted BERT-base encoder step (forward + backward): HF sdpa + ``DynamicCache`` vs ours.
 
 ``hf_sdpa_cache`` is what HVPNeT-style code runs (the prefix concatenated into every layer's K/V by the cache);
-``prompted_<backend>`` is :func:`tpm_fast.prompted_bert` on ``backend="auto"`` (Triton on CUDA, the native C++ kernel on
-CPU when built), ``prompted_reference`` the same on the PyTorch reference (CPU only).
+``prompted_<backend>`` is :func:`tpm_fast.prompted_bert` on that attention backend: ``reference`` (the PyTorch
+reference, CPU only), ``native`` (the C++ CPU kernels, when built) and ``triton`` (CUDA only).
 Random weights of the BERT-base shape (d_t 768, H 12, d_h 64, FFN 3072), m = 4 prefix slots, ~25 % padding.
 On CUDA, ``extra_info["peak_mb"]`` holds the step's peak allocated memory.
 """
@@ -14,11 +14,11 @@ import torch
 from transformers import BertConfig, BertModel, DynamicCache
 
 from tpm_fast.layers.prompted_bert import prompted_bert
-from tpm_fast.ops.backend import attention_unsupported, resolve
+from tpm_fast.ops.backend import native_unavailable_reason
 
 LAYERS, H, D, M = 12, 12, 64, 4
 SHAPES = [(8, 64), pytest.param(32, 64, marks=pytest.mark.big), pytest.param(32, 128, marks=pytest.mark.big)]
-PROVIDERS = ["hf_sdpa_cache", "prompted_reference", "prompted"]
+PROVIDERS = ["hf_sdpa_cache", "prompted_reference", "prompted_native", "prompted_triton"]
 
 
 def _bert(device, dtype) -> BertModel:
@@ -38,9 +38,13 @@ def _bert(device, dtype) -> BertModel:
 def test_encoder_step(bench, bench_device, dtype, b, n, provider):
     if dtype != torch.float32 and bench_device.type != "cuda":
         pytest.skip("bf16 encoder steps are only benchmarked on CUDA")
-    if provider == "prompted_reference" and bench_device.type == "cuda":
-        pytest.skip("the reference is the CPU fallback: not timed on CUDA")
-    backend = "reference" if provider == "prompted_reference" else "auto"
+    backend = provider.removeprefix("prompted_")
+    if backend in ("reference", "native") and bench_device.type == "cuda":
+        pytest.skip(f"{backend} is a CPU path: not timed on CUDA")
+    if backend == "triton" and bench_device.type != "cuda":
+        pytest.skip("Triton kernels are timed on CUDA only")
+    if backend == "native" and native_unavailable_reason() is not None:
+        pytest.skip(native_unavailable_reason())
     torch.manual_seed(0)
     bert = _bert(bench_device, dtype)
     ids = torch.randint(0, bert.config.vocab_size, (b, n), device=bench_device)
@@ -61,8 +65,6 @@ def test_encoder_step(bench, bench_device, dtype, b, n, provider):
         hidden.float().square().mean().backward()
         bert.zero_grad(set_to_none=True)
 
-    chosen = resolve(backend, "prefix_attention", bench_device, dtype, attention_unsupported(dtype, D))
-    name = provider if provider == "hf_sdpa_cache" else f"prompted_{chosen}"
     info = {} if bench_device.type == "cuda" else {"rounds": 5}  # a CPU step takes seconds
     if bench_device.type == "cuda":
         step()  # warm-up (kernel compilation), then the peak of one step
@@ -72,5 +74,5 @@ def test_encoder_step(bench, bench_device, dtype, b, n, provider):
         torch.cuda.synchronize()
         info["peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     shape = {"B": b, "n": n, "m": M, "layers": LAYERS, "H": H, "d": D}
-    bench(step, group=f"encoder-step-{str(dtype).removeprefix('torch.')}-B{b}-n{n}", provider=name, dtype=dtype,
+    bench(step, group=f"encoder-step-{str(dtype).removeprefix('torch.')}-B{b}-n{n}", provider=provider, dtype=dtype,
           shape=shape, **info)  # fmt: skip

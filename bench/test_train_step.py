@@ -26,7 +26,7 @@ and, in text mode, the training engine: ``plain`` (``fused_adamw`` in a plain lo
 
 ``extra_info`` per benchmark: ``samples_per_s`` (B / mean step time), ``peak_mb`` (CUDA: peak allocated; CPU: the
 weights plus the growth of the process's peak RSS during the first step, which allocates gradients, optimizer
-state and activations), ``kernel_ops`` and ``host_syncs`` of one step (:func:`tpm_fast.profiling.count_kernel_ops`,
+state and activations), ``kernel_ops`` and ``host_syncs`` of the second step (`tpm_fast.profiling.count_kernel_ops`,
 the CPU proxy for GPU launch overhead), ``padding`` (padded share of the pieces over the epoch's batches),
 ``model_tflops`` (:func:`tpm_fast.flops.step_flops`) and, on CUDA, ``gpu_busy`` (kernel time / wall time of a
 step) and, on GPUs whose peak is known, ``mfu``. On CPU, ``gpu_path_kernel_ops`` counts the same step on the Triton
@@ -43,6 +43,7 @@ import gc
 import itertools
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -177,24 +178,30 @@ def deepspeed_engine(deepspeed, model, optimizer, stage: int):
     return engine
 
 
-def first_step_memory(step, device: torch.device, weights: int) -> tuple[float, tuple, int]:
-    """Run ``step`` once under the op and Triton launch counters; return (peak MB, count_kernel_ops result,
-    Triton launches)."""
+def first_step_memory(step, device: torch.device, weights: int) -> float:
+    """Run ``step`` once (the first step: it also creates the optimizer state) and return its peak memory in MB."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        with count_triton_launches() as launches:
-            counted = count_kernel_ops(step)
+        step()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20, counted, sum(launches.values())
+        return torch.cuda.max_memory_allocated() / 2**20
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD fixed at 64 KiB: every tensor is mmapped, freed memory leaves RSS
     libc.malloc_trim(0)  # freed memory of earlier benchmarks goes back to the OS
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
     before = _status_kb("VmRSS")
-    counted = count_kernel_ops(step)
-    return (weights + (_status_kb("VmHWM") - before) * 1024) / 2**20, counted, 0
+    step()
+    return (weights + (_status_kb("VmHWM") - before) * 1024) / 2**20
+
+
+def steady_step_ops(step) -> tuple[int, Counter, int]:
+    """(aten kernel ops, host-sync ops, Triton launches) of one step after the first (the optimizer state exists, as
+    in every step of an epoch but the first)."""
+    with count_triton_launches() as launches:
+        ops, _, syncs = count_kernel_ops(step)
+    return ops, syncs, sum(launches.values())
 
 
 def gpu_busy_share(step) -> float:
@@ -289,7 +296,8 @@ def test_train_step(bench, benchmark, bench_device, request, mode, b, provider):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     for t in (getattr(engine, "masters", None) or []) if not authors else []:
         weights += t.numel() * t.element_size()  # the fp32 master weights, allocated before the first step
-    peak_mb, (ops, _, syncs), launches = first_step_memory(step, device, weights)
+    peak_mb = first_step_memory(step, device, weights)
+    ops, syncs, launches = steady_step_ops(step)
     flops = sum(step_flops(_flops_model(model, mode, bert, vit), batch) for batch in data[1:]) / max(1, len(data) - 1)
     shape = {"B": b, "mode": mode, "bert": bert.hidden_size, "vit": vit.hidden_size if vit else None}
     bench(step, group=f"train-step-{mode}-B{b}", provider=provider, dtype=dtype, shape=shape,

@@ -1,18 +1,14 @@
 // tpm_fast._C: registers the native kernels as torch ops in the `tpm_fast_native` namespace
 // (torch.ops.tpm_fast_native.*), after checking devices, shapes and dtypes with clear errors. Fake (meta)
 // implementations for torch.compile live in tpm_fast/ops/native.py. Importing tpm_fast._C registers everything.
+#include <torch/extension.h>
+
 #include "tpm_fast.h"
 
 namespace tpm_fast {
 namespace {
 
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "tpm_fast native kernels: ", name, " must be a CPU tensor, got ", t.device());
-}
-
-void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-  TORCH_CHECK(t.sizes() == shape, "tpm_fast native kernels: ", name, " must have shape ", shape, ", got ", t.sizes());
-}
+void check_cpu(const at::Tensor& t, const char* name) { check_device(t, at::Device(at::kCPU), name); }
 
 void check_padding(const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& lengths, int64_t b,
                    int64_t n_k) {
@@ -82,31 +78,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                                   dropout_p, scale);
 }
 
-void check_crf(const at::Tensor& emissions, const at::Tensor& mask, const at::Tensor& end,
-               const at::Tensor& transitions, const std::optional<at::Tensor>& tags) {
-  check_cpu(emissions, "emissions");
-  TORCH_CHECK(emissions.dim() == 3 && emissions.is_floating_point(), "CRF: emissions must be a 3-d float tensor "
-              "(B, n, T), got ", emissions.sizes(), " ", emissions.scalar_type());
-  const int64_t b = emissions.size(0), n = emissions.size(1), t = emissions.size(2);
-  TORCH_CHECK(n >= 1, "CRF: sequence length must be >= 1");
-  check_cpu(mask, "mask");
-  check_shape(mask, {b, n}, "mask");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "CRF: mask must be bool, got ", mask.scalar_type());
-  check_cpu(end, "end");
-  check_shape(end, {t}, "end");
-  check_cpu(transitions, "transitions");
-  check_shape(transitions, {t, t}, "transitions");
-  if (tags) {
-    check_cpu(*tags, "tags");
-    check_shape(*tags, {b, n}, "tags");
-    TORCH_CHECK(tags->scalar_type() == at::kLong, "CRF: tags must be int64, got ", tags->scalar_type());
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> crf_forward(const at::Tensor& emissions, const std::optional<at::Tensor>& tags,
                                                const at::Tensor& mask, const at::Tensor& start,
                                                const at::Tensor& end, const at::Tensor& transitions) {
-  check_crf(emissions, mask, end, transitions, tags);
+  check_crf(emissions, mask, end, transitions, tags, at::Device(at::kCPU));
   check_cpu(start, "start");
   check_shape(start, {emissions.size(2)}, "start");
   return crf_forward_cpu(emissions, tags, mask, start, end, transitions);
@@ -116,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> crf_backward(const at::Tensor& grad, const st
                                                 const at::Tensor& mask, const at::Tensor& end,
                                                 const at::Tensor& transitions, const at::Tensor& alpha,
                                                 at::ScalarType grad_dtype) {
-  check_crf(alpha, mask, end, transitions, tags);
+  check_crf(alpha, mask, end, transitions, tags, at::Device(at::kCPU));
   check_cpu(grad, "grad");
   check_shape(grad, {alpha.size(0)}, "grad");
   TORCH_CHECK(alpha.scalar_type() == at::kFloat, "CRF: alpha must be fp32, got ", alpha.scalar_type());
@@ -126,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> crf_backward(const at::Tensor& grad, const st
 std::tuple<at::Tensor, at::Tensor> crf_viterbi(const at::Tensor& emissions, const at::Tensor& mask,
                                                const at::Tensor& start, const at::Tensor& end,
                                                const at::Tensor& transitions) {
-  check_crf(emissions, mask, end, transitions, std::nullopt);
+  check_crf(emissions, mask, end, transitions, std::nullopt, at::Device(at::kCPU));
   check_cpu(start, "start");
   check_shape(start, {emissions.size(2)}, "start");
   return crf_viterbi_cpu(emissions, mask, start, end, transitions);

@@ -20,16 +20,21 @@
 // are branch-free Cephes polynomials (within 1 ulp). Two instantiations: W = 4 (SSE2 / NEON, any build) and, on
 // x86-64 CPUs with AVX2 + FMA (checked once at run time), W = 8 compiled for AVX2 + FMA.
 //
-// - Forward: alpha_0 = start + em_0; alpha_t[j] = logsumexp_i(alpha_{t-1}[i] + trans[i, j]) + em_t[j]; log Z =
-//   logsumexp_j(alpha_last[j] + end[j]). The gold score is a plain sum over the row. Alphas are saved (B, n, T)
-//   fp32, rows t >= length 0.
+// - Forward: alpha_0 = start + em_0; alpha_t[j] = logsumexp_i(alpha_{t-1}[i] + trans[i, j]) + em_t[j], each step
+//   then shifted by its max over the tags (the shifts summed in fp64: log Z = their sum + logsumexp_j(alpha_last[j]
+//   + end[j])). The saved alphas (B, n, T) fp32 are the shifted ones (rows t >= length 0): unshifted alphas grow
+//   with t (to ~400 for 40 confident tokens, fp32 ulp 3e-5) and every softmax recomputed from them would carry
+//   that error. The gold score is summed in fp64, so gold - log Z keeps its bits when both are large and close.
 // - Backward: the reverse-mode (adjoint) recursion of kernels/crf_bwd.py over the saved alphas (forward-backward
-//   in normalized form): gamma_last = exp(alpha_last + end - log Z); for t = last .. 1, with the step's column
-//   softmax P_t[i, j] = exp(alpha_{t-1}[i] + trans[i, j] - lse_i(...)[j]) recomputed from the saved alphas,
-//   xi_t = P_t * gamma_t[None, :] (pairwise marginal), gamma_{t-1} = xi_t.sum(1). Every exponent is a difference
-//   of values computed from the same rounded numbers, so the marginals stay exact for alphas ~1e5.
+//   in normalized form): gamma_last = exp(alpha_last + end - log Z) (log Z of the shifted alphas); for t = last .. 1,
+//   with the step's column softmax P_t[i, j] = exp(alpha_{t-1}[i] + trans[i, j] - lse_i(...)[j]) recomputed from the
+//   saved alphas, xi_t = P_t * gamma_t[None, :] (pairwise marginal), gamma_{t-1} = xi_t.sum(1).
 //   With tags (out = gold - log Z): d_t = onehot(y_t) - gamma_t, transitions sum_t (onehot(y_{t-1}, y_t) - xi_t);
 //   without (out = log Z): d_t = gamma_t, transitions sum_t xi_t. Everything is scaled by the incoming grad g_b.
+//   The gold entries 1 - gamma_t[y_t] and 1 - xi_t[y_{t-1}, y_t] are formed as the sums of the other marginals
+//   (equal, as marginals sum to 1): for a confident model they are ~1e-4, and 1 - (a value near 1) would keep only
+//   ~1e-3 of them. Against fp64 on a trained tagger's batches the gradients are within ~5e-7 (the fp32 PyTorch
+//   reference: 1e-5 to 1e-3); before these two changes they were off by 1e-3 to 4e-2, which slowed training down.
 // - The column sums of exp(alpha_{t-1}[i] + trans[i, j] - shift_j) (forward and backward alike) come in one of two
 //   exact forms, chosen per W-column block and step. Factorized (fast, one exp per tag instead of per pair):
 //   shift_j = max(alpha_{t-1}) + cm_j with cm_j = max_i trans[i, j], so each term is p[i] * etr[i, j] with
@@ -56,398 +61,10 @@
 #include <vector>
 
 #include "tpm_fast.h"  // the declarations; csrc/bindings.cpp registers them as torch.ops.tpm_fast_native.*
-
-// ------------------------------------------------------------------------------------------------ SIMD helpers
-
-#if !defined(__GNUC__)
-#error "csrc/crf_cpu.cpp needs GCC or Clang (generic vector extensions)"
-#endif
-#if defined(__FAST_MATH__)
-#error "csrc/crf_cpu.cpp relies on IEEE semantics (NaN / inf selects, the exp rounding trick): no -ffast-math"
-#endif
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // vectors passed by value between always-inline helpers: no ABI involved
-#endif
-#if (defined(__x86_64__) || defined(__i386__)) && !defined(TPM_FAST_CRF_NO_AVX2)
-#define TPM_FAST_CRF_AVX2 1
-#endif
-
-// Every helper is always inlined, so that it is compiled for the instruction set of the kernel that calls it.
-#define TPM_INLINE inline __attribute__((always_inline))
+#include "crf_cpu_rows.h"  // the per-sequence kernels (over the SIMD helpers of crf_cpu_simd.h)
 
 namespace tpm_fast {
 namespace {
-
-constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr float kNegInf = -kInf;
-
-template <int W>
-struct Simd {  // W fp32 / int32 lanes
-  typedef float F __attribute__((vector_size(4 * W)));
-  typedef int32_t I __attribute__((vector_size(4 * W)));
-};
-
-template <class V, class S>
-TPM_INLINE V splat(S v) {
-  return V{} + v;
-}
-template <class V>
-TPM_INLINE V load(const void* p) {  // unaligned
-  V v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <class V>
-TPM_INLINE void store(void* p, const V& v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-// exp(x) for x <= 0 (here: scores minus their max), Cephes expf: x = k ln 2 + r with k = round(x / ln 2)
-// (by the 1.5 * 2^23 rounding trick, which also leaves k in the low mantissa bits), exp(r) by a degree-5
-// polynomial, times 2^k built in the exponent bits. Within 1 ulp on [-87, 0]; x < -87 (including -inf) gives 0
-// (terms below ~FLT_MIN are dropped), NaN gives NaN.
-template <class F>
-TPM_INLINE F exp_v(const F& x) {
-  typedef uint32_t U __attribute__((vector_size(sizeof(F))));
-  const F lo = splat<F>(-87.0f);
-  const F xc = x < lo ? lo : x;                          // NaN stays NaN
-  const F zm = xc * 1.44269504088896341f + 12582912.0f;  // k + 1.5 * 2^23, k in [-126, 0]
-  const F fk = zm - 12582912.0f;
-  const F r = (xc - fk * 0.693359375f) + fk * 2.12194440e-4f;  // xc - k ln 2, ln 2 in two parts
-  F p = splat<F>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const F res = p * (F)(((U)zm + 127u) << 23);  // 2^k: the magic's own bits shift out of the word
-  return x < lo ? splat<F>(0.0f) : res;
-}
-
-// log(x), Cephes logf (exponent split, mantissa in [sqrt(1/2), sqrt(2)), degree-9 polynomial): within 1 ulp for
-// normal x > 0; 0 gives -inf, +inf gives +inf, NaN gives NaN (here x is a column sum in [1, T], or 0).
-template <class F, class I>
-TPM_INLINE F log_v(const F& x) {
-  const I bits = (I)x;
-  I e = ((bits >> 23) & 0xff) - 126;
-  F m = (F)((bits & 0x007fffff) | 0x3f000000);  // x = m 2^e, m in [0.5, 1)
-  const I small = m < 0.707106781186547524f;    // -1 where true
-  e = e + small;
-  m = (m - 1.0f) + (small ? m : splat<F>(0.0f));
-  const F fe = __builtin_convertvector(e, F);
-  const F z = m * m;
-  F y = splat<F>(7.0376836292e-2f);
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z + fe * -2.12194440e-4f - 0.5f * z;
-  F res = (m + y) + fe * 0.693359375f;
-  res = x == 0.0f ? splat<F>(kNegInf) : res;
-  return (x != x) | (x == kInf) ? x : res;
-}
-
-// Column max of s[i, jb : jb+W] = a[i] + tr[i, jb : jb+W] over the T real `from` tags, an all -inf column giving 0
-// (so that s - max stays -inf there, and its exp 0). a: (T,), tr: (T, TP) row-major. Two chains (even / odd i)
-// for a shorter dependency chain.
-template <class F>
-TPM_INLINE F column_max(const float* a, const float* tr, int64_t T, int64_t TP, int64_t jb) {
-  F m0 = splat<F>(a[0]) + load<F>(tr + jb), m1 = m0;
-  int64_t i = 1;
-  for (; i + 1 < T; i += 2) {
-    const F v0 = splat<F>(a[i]) + load<F>(tr + i * TP + jb);
-    const F v1 = splat<F>(a[i + 1]) + load<F>(tr + (i + 1) * TP + jb);
-    m0 = v0 > m0 ? v0 : m0;
-    m1 = v1 > m1 ? v1 : m1;
-  }
-  if (i < T) {
-    const F v = splat<F>(a[i]) + load<F>(tr + i * TP + jb);
-    m0 = v > m0 ? v : m0;
-  }
-  const F m = m1 > m0 ? m1 : m0;
-  return m == kNegInf ? splat<F>(0.0f) : m;
-}
-
-// Sum over i of exp(a[i] + tr[i, jb : jb+W] - m), in two chains (even / odd i); with ex != nullptr the terms are
-// stored to ex[i, jb : jb+W] (ex: (T, TP)).
-template <class F>
-TPM_INLINE F exp_sum(const float* a, const float* tr, int64_t T, int64_t TP, int64_t jb, const F& m, float* ex) {
-  F s0 = splat<F>(0.0f), s1 = s0;
-  int64_t i = 0;
-  for (; i + 1 < T; i += 2) {
-    const F e0 = exp_v<F>((splat<F>(a[i]) + load<F>(tr + i * TP + jb)) - m);
-    const F e1 = exp_v<F>((splat<F>(a[i + 1]) + load<F>(tr + (i + 1) * TP + jb)) - m);
-    if (ex != nullptr) {
-      store(ex + i * TP + jb, e0);
-      store(ex + (i + 1) * TP + jb, e1);
-    }
-    s0 += e0;
-    s1 += e1;
-  }
-  if (i < T) {
-    const F e0 = exp_v<F>((splat<F>(a[i]) + load<F>(tr + i * TP + jb)) - m);
-    if (ex != nullptr) store(ex + i * TP + jb, e0);
-    s0 += e0;
-  }
-  return s0 + s1;
-}
-
-// ------------------------------------------------------------------------------------------------ per-sequence kernels
-// Float-only, W-lane; the tensors' dtypes and strides are handled by the callers. L = this row's length, TP = T
-// padded to a multiple of W.
-
-constexpr float kTiny = 5.42101086e-20f;  // 2^-64: smallest column sum the factorized form is trusted with
-
-// The parameters in fp32, the tag dimension padded to TP (built once per call by Prepared).
-struct Params {
-  int64_t T, TP;
-  const float* tr;      // shape: (T, TP) transitions, padding -inf
-  const float* etr;     // shape: (T, TP) exp(tr - cm), subnormals and padding 0
-  const float* cm;      // shape: (TP,) column max of tr; -inf for dead columns (all -inf) and padding
-  const int32_t* dead;  // shape: (TP,) -1 on dead columns and padding, else 0
-  const float* start;   // shape: (TP,) padding -inf
-  const float* end;     // shape: (TP,) padding -inf
-};
-
-// One W-column block of a step in factorized form: with p[i] = exp(a[i] - max a), the terms are
-// exp(a[i] + tr[i, j] - max a - cm[j]) = p[i] * etr[i, j] (stored to ex[i, jb : jb+W] unless ex is null), s their
-// column sums. True when every live column's sum is >= kTiny (then no term that matters underflowed: the result is
-// as exact as the max-subtracted form); false (NaN, or a column whose real max term lies far below max a + cm[j])
-// sends the block to the max-subtracted form.
-template <class F, class I>
-TPM_INLINE bool factorized_block(const Params& P, const float* p, int64_t jb, float* ex, F& s) {
-  const int64_t T = P.T, TP = P.TP;
-  F s0 = splat<F>(0.0f), s1 = s0;
-  int64_t i = 0;
-  for (; i + 1 < T; i += 2) {
-    const F x0 = splat<F>(p[i]) * load<F>(P.etr + i * TP + jb);
-    const F x1 = splat<F>(p[i + 1]) * load<F>(P.etr + (i + 1) * TP + jb);
-    if (ex != nullptr) {
-      store(ex + i * TP + jb, x0);
-      store(ex + (i + 1) * TP + jb, x1);
-    }
-    s0 += x0;
-    s1 += x1;
-  }
-  if (i < T) {
-    const F x0 = splat<F>(p[i]) * load<F>(P.etr + i * TP + jb);
-    if (ex != nullptr) store(ex + i * TP + jb, x0);
-    s0 += x0;
-  }
-  s = s0 + s1;
-  const I ok = (s >= kTiny) | load<I>(P.dead + jb);
-  bool all = true;
-  for (int k = 0; k < static_cast<int>(sizeof(F) / sizeof(float)); ++k) all &= ok[k] != 0;
-  return all;
-}
-
-// p = exp(a - max a) over the TP lanes of a (padding -inf -> 0); returns max a over the T real tags, or -inf when
-// that is not finite (then no factorized block is tried).
-template <class F>
-TPM_INLINE float shifted_exp(const float* a, int64_t T, int64_t TP, float* p) {
-#ifdef TPM_FAST_CRF_MAX_SUBTRACTED_ONLY  // testing: every block takes the max-subtracted form
-  return kNegInf;
-#endif
-  float amax = kNegInf;
-  for (int64_t i = 0; i < T; ++i) amax = a[i] > amax ? a[i] : amax;
-  if (!(amax > kNegInf && amax < kInf)) return kNegInf;
-  for (int64_t ib = 0; ib < TP; ib += static_cast<int64_t>(sizeof(F) / sizeof(float)))
-    store(p + ib, exp_v<F>(load<F>(a + ib) - amax));  // NaN entries give NaN, caught by factorized_block
-  return amax;
-}
-
-// Forward alphas of one row. e: (L, TP) emissions (padding lanes 0); al: (L, T) out; ws: (3 TP,) scratch.
-template <int W>
-TPM_INLINE void forward_row(const Params& P, const float* e, int64_t L, float* al, float* ws) {
-  using F = typename Simd<W>::F;
-  using I = typename Simd<W>::I;
-  const int64_t T = P.T, TP = P.TP;
-  float* cur = ws;          // shape: (TP,) alpha_{t-1}, padding -inf
-  float* nxt = ws + TP;     // shape: (TP,) alpha_t
-  float* p = ws + 2 * TP;   // shape: (TP,) exp(alpha_{t-1} - max)
-  for (int64_t j = 0; j < TP; ++j) cur[j] = P.start[j] + e[j];
-  std::memcpy(al, cur, T * sizeof(float));
-  for (int64_t t = 1; t < L; ++t) {
-    const float amax = shifted_exp<F>(cur, T, TP, p);
-    const bool try_fast = amax > kNegInf;
-    for (int64_t jb = 0; jb < TP; jb += W) {
-      F s, res;
-      if (try_fast && factorized_block<F, I>(P, p, jb, nullptr, s)) {
-        res = (splat<F>(amax) + load<F>(P.cm + jb)) + log_v<F, I>(s);  // dead columns: -inf
-      } else {
-        const F m = column_max<F>(cur, P.tr, T, TP, jb);
-        res = m + log_v<F, I>(exp_sum<F>(cur, P.tr, T, TP, jb, m, nullptr));  // sum 0 (all -inf column) -> -inf
-      }
-      store(nxt + jb, res + load<F>(e + t * TP + jb));
-    }
-    std::swap(cur, nxt);
-    std::memcpy(al + t * T, cur, T * sizeof(float));
-  }
-}
-
-// Backward of one row. al: (L, T) saved alphas; tags: (L,) clamped gold tags or nullptr; g: incoming grad;
-// gd: (L, T) out, g * d_t; par: (2T + T*T,) out, per-sequence parameter partials; ws: (5 TP + 2 T TP,) scratch.
-template <int W>
-TPM_INLINE void backward_row(const Params& P, const float* al, int64_t L, const int64_t* tags, float g, float log_z,
-                             float* gd, float* par, float* ws) {
-  using F = typename Simd<W>::F;
-  using I = typename Simd<W>::I;
-  const int64_t T = P.T, TP = P.TP;
-  float* prev = ws;            // shape: (TP,) alpha_{t-1}, padding -inf
-  float* p = ws + TP;          // shape: (TP,) exp(alpha_{t-1} - max)
-  float* gamma = ws + 2 * TP;  // shape: (TP,) gamma_t, padding 0
-  float* gnew = ws + 3 * TP;   // shape: (TP,) gamma_{t-1}, padding 0
-  float* w = ws + 4 * TP;      // shape: (TP,) gamma_t / column sums
-  float* ex = ws + 5 * TP;     // shape: (T, TP) unnormalized P_t
-  float* gtr = ex + T * TP;    // shape: (T, TP) sum_t of -xi_t (with tags) or xi_t
-  const int64_t last = L - 1;
-  const float* a_last = al + last * T;
-  std::fill(prev, prev + TP, kNegInf);
-  std::fill(gamma, gamma + TP, 0.0f);
-  std::fill(gnew, gnew + TP, 0.0f);
-  for (int64_t j = 0; j < T; ++j) gamma[j] = std::exp(a_last[j] + P.end[j] - log_z);
-  int64_t cur = tags != nullptr ? tags[last] : 0;
-  float* d = gd + last * T;  // shape: (T,) g * d_last
-  for (int64_t j = 0; j < T; ++j) d[j] = g * (tags != nullptr ? (j == cur ? 1.0f : 0.0f) - gamma[j] : gamma[j]);
-  std::memcpy(par + T, d, T * sizeof(float));  // end
-  std::fill(gtr, gtr + T * TP, 0.0f);
-  const F sign = splat<F>(tags != nullptr ? -1.0f : 1.0f);
-  for (int64_t t = last; t > 0; --t) {  // pair (t-1, t)
-    std::memcpy(prev, al + (t - 1) * T, T * sizeof(float));
-    const float amax = shifted_exp<F>(prev, T, TP, p);
-    const bool try_fast = amax > kNegInf;
-    for (int64_t jb = 0; jb < TP; jb += W) {
-      F s;  // column sums of the terms stored to ex
-      if (!(try_fast && factorized_block<F, I>(P, p, jb, ex, s))) {
-        const F m = column_max<F>(prev, P.tr, T, TP, jb);
-        s = exp_sum<F>(prev, P.tr, T, TP, jb, m, ex);
-      }
-      // a column sum is 0 only for unreachable / padded tags, whose gamma is 0
-      store(w + jb, load<F>(gamma + jb) / (s == 0.0f ? splat<F>(1.0f) : s));
-    }
-    for (int64_t i = 0; i < T; ++i) {  // xi[i, j] = ex[i, j] * w[j]; gamma_{t-1}[i] = sum_j xi[i, j]
-      F acc = splat<F>(0.0f);
-      for (int64_t jb = 0; jb < TP; jb += W) {
-        const F xi = load<F>(ex + i * TP + jb) * load<F>(w + jb);
-        acc += xi;
-        store(gtr + i * TP + jb, load<F>(gtr + i * TP + jb) + sign * xi);
-      }
-      float sum = 0.0f;
-      for (int k = 0; k < W; ++k) sum += acc[k];
-      gnew[i] = sum;
-    }
-    std::swap(gamma, gnew);
-    d = gd + (t - 1) * T;
-    if (tags != nullptr) {
-      const int64_t prev_tag = tags[t - 1];
-      gtr[prev_tag * TP + cur] += 1.0f;
-      for (int64_t j = 0; j < T; ++j) d[j] = g * ((j == prev_tag ? 1.0f : 0.0f) - gamma[j]);
-      cur = prev_tag;
-    } else {
-      for (int64_t j = 0; j < T; ++j) d[j] = g * gamma[j];
-    }
-  }
-  std::memcpy(par, d, T * sizeof(float));  // start: g * d_0
-  float* ptr = par + 2 * T;                // transitions, row-major
-  for (int64_t i = 0; i < T; ++i)
-    for (int64_t j = 0; j < T; ++j) ptr[i * T + j] = g * gtr[i * TP + j];
-}
-
-// Viterbi of one row. e: (L, TP) emissions (padding lanes 0); out: (L,) best tags; bp: (L, TP) back-pointer
-// scratch; ws: (2 TP,) scratch.
-template <int W>
-TPM_INLINE void viterbi_row(const Params& P, const float* e, int64_t L, int64_t* out, int32_t* bp, float* ws) {
-  using F = typename Simd<W>::F;
-  using I = typename Simd<W>::I;
-  const int64_t T = P.T, TP = P.TP;
-  const float *tr = P.tr, *start = P.start, *end = P.end;
-  float* score = ws;     // shape: (TP,) best score ending in each tag, padding -inf
-  float* nxt = ws + TP;  // shape: (TP,)
-  for (int64_t j = 0; j < TP; ++j) score[j] = start[j] + e[j];  // padded: -inf
-  for (int64_t t = 1; t < L; ++t) {
-    for (int64_t jb = 0; jb < TP; jb += W) {
-      const F ej = load<F>(e + t * TP + jb);
-      F m = (splat<F>(score[0]) + load<F>(tr + jb)) + ej;
-      I idx = splat<I>(0);
-      for (int64_t i = 1; i < T; ++i) {
-        const F v = (splat<F>(score[i]) + load<F>(tr + i * TP + jb)) + ej;
-        const I take = (v > m) | ((v != v) & (m == m));  // first max; the first NaN wins (torch.max)
-        m = take ? v : m;
-        idx = take ? splat<I>(static_cast<int32_t>(i)) : idx;
-      }
-      store(nxt + jb, m);
-      store(bp + t * TP + jb, idx);
-    }
-    std::swap(score, nxt);
-  }
-  int64_t cur = 0;
-  float m = score[0] + end[0];
-  for (int64_t j = 1; j < T; ++j) {
-    const float v = score[j] + end[j];
-    if (v > m || (v != v && m == m)) {
-      m = v;
-      cur = j;
-    }
-  }
-  out[L - 1] = cur;
-  for (int64_t t = L - 1; t > 0; --t) {
-    cur = std::min<int64_t>(std::max<int32_t>(bp[t * TP + cur], 0), T - 1);  // clamped: memory safety under NaN
-    out[t - 1] = cur;
-  }
-}
-
-// The instantiations: W = 4 for any build; W = 8 compiled for AVX2 + FMA, picked at run time.
-
-void forward_row4(const Params& P, const float* e, int64_t L, float* al, float* ws) {
-  forward_row<4>(P, e, L, al, ws);
-}
-void backward_row4(const Params& P, const float* al, int64_t L, const int64_t* tags, float g, float log_z, float* gd,
-                   float* par, float* ws) {
-  backward_row<4>(P, al, L, tags, g, log_z, gd, par, ws);
-}
-void viterbi_row4(const Params& P, const float* e, int64_t L, int64_t* out, int32_t* bp, float* ws) {
-  viterbi_row<4>(P, e, L, out, bp, ws);
-}
-
-#ifdef TPM_FAST_CRF_AVX2
-__attribute__((target("avx2,fma"))) void forward_row8(const Params& P, const float* e, int64_t L, float* al,
-                                                      float* ws) {
-  forward_row<8>(P, e, L, al, ws);
-}
-__attribute__((target("avx2,fma"))) void backward_row8(const Params& P, const float* al, int64_t L,
-                                                       const int64_t* tags, float g, float log_z, float* gd,
-                                                       float* par, float* ws) {
-  backward_row<8>(P, al, L, tags, g, log_z, gd, par, ws);
-}
-__attribute__((target("avx2,fma"))) void viterbi_row8(const Params& P, const float* e, int64_t L, int64_t* out,
-                                                      int32_t* bp, float* ws) {
-  viterbi_row<8>(P, e, L, out, bp, ws);
-}
-#endif
-
-struct Kernels {
-  int64_t lanes;
-  decltype(&forward_row4) forward;
-  decltype(&backward_row4) backward;
-  decltype(&viterbi_row4) viterbi;
-};
-
-const Kernels& kernels() {
-  static const Kernels k = [] {
-#ifdef TPM_FAST_CRF_AVX2
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      return Kernels{8, forward_row8, backward_row8, viterbi_row8};
-    }
-#endif
-    return Kernels{4, forward_row4, backward_row4, viterbi_row4};
-  }();
-  return k;
-}
 
 // ------------------------------------------------------------------------------------------------ tensor plumbing
 
@@ -543,24 +160,25 @@ void forward_impl(const at::Tensor& emissions, const std::optional<at::Tensor>& 
       const scalar_t* em_row = em + b * seb;
       float* al = al_p + b * n * T;
       load_emissions(em_row, sen, set, L, T, TP, e.data());
-      k.forward(P, e.data(), L, al, ws.data());
+      const double shift = k.forward(P, e.data(), L, al, ws.data());
       std::fill(al + L * T, al + n * T, 0.0f);  // padding rows
-      const float log_z = log_z_of(al + (L - 1) * T, P.end, T);
+      const double log_z = shift + log_z_of(al + (L - 1) * T, P.end, T);
       if (tg == nullptr) {
-        out_p[b] = log_z;
+        out_p[b] = static_cast<float>(log_z);
         continue;
       }
-      // gold score: start[y_0] + sum_t em[t, y_t] + sum_{t>=1} trans[y_{t-1}, y_t] + end[y_last]
+      // gold score: start[y_0] + sum_t em[t, y_t] + sum_{t>=1} trans[y_{t-1}, y_t] + end[y_last], summed in fp64 so
+      // that gold - log Z (small for a confident model, from two values ~ the sequence's total score) keeps its bits
       const int64_t* tag_row = tg + b * st.b;
       int64_t prev = clamp_tag(tag_row[0], T);
-      float gold = e[prev];
+      double gold = e[prev];
       for (int64_t t = 1; t < L; ++t) {
         const int64_t cur = clamp_tag(tag_row[t * st.n], T);
-        gold += e[t * TP + cur] + P.tr[prev * TP + cur];
+        gold += static_cast<double>(e[t * TP + cur]) + P.tr[prev * TP + cur];
         prev = cur;
       }
-      gold += P.start[clamp_tag(tag_row[0], T)] + P.end[prev];
-      out_p[b] = gold - log_z;
+      gold += static_cast<double>(P.start[clamp_tag(tag_row[0], T)]) + P.end[prev];
+      out_p[b] = static_cast<float>(gold - log_z);
     }
   });
 }
@@ -601,7 +219,7 @@ void backward_impl(const at::Tensor& grad_f, const std::optional<at::Tensor>& ta
       } else {
         gd_row = gd.data();
       }
-      const float log_z = log_z_of(al + (L - 1) * T, P.end, T);  // as the forward computed it
+      const float log_z = log_z_of(al + (L - 1) * T, P.end, T);  // of the shifted alphas, as the forward's
       k.backward(P, al, L, tg != nullptr ? tag_buf.data() : nullptr, gp[b * sg], log_z, gd_row,
                  par_p + b * (2 * T + T * T), ws.data());
       if constexpr (!kDirect) {

@@ -19,11 +19,20 @@ def _lse_cols(s):
 
 @triton.jit
 def _log_z(alpha_last, end):
-    """log Z = logsumexp_j(alpha_last[j] + end[j]) of (BT,) vectors (the backward recomputes it bit for bit)."""
+    """logsumexp_j(alpha_last[j] + end[j]) of (BT,) vectors: log Z less the forward's shift sum when alpha_last is
+    the saved (shifted) last row (the backward recomputes it bit for bit)."""
     v = alpha_last + end
     m = tl.max(v, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
     return m + tl.log(tl.sum(tl.exp(v - m), axis=0))
+
+
+@triton.jit
+def _step_max(alpha):
+    """A step's shift: max of a (BT,) alpha vector (padding lanes -inf) when finite, else 0 (an all -inf, +inf or
+    NaN row is left unshifted). fp32 scalar."""
+    m = tl.max(alpha, axis=0)
+    return tl.where((m > float("-inf")) & (m < float("inf")), m, 0.0)
 
 
 @triton.jit
@@ -88,7 +97,7 @@ def _crf_forward_kernel(
     end_ptr,  # shape: (T,) contiguous
     trans_ptr,  # shape: (T, T) contiguous, [i, j] = i -> j
     out_ptr,  # shape: (B,) fp32 out: gold - log Z (HAS_TAGS) or log Z
-    alpha_ptr,  # shape: (B, n, T) fp32 out: forward log-potentials, 0 on rows t >= length
+    alpha_ptr,  # shape: (B, n, T) fp32 out: forward log-potentials, each row shifted to max 0; 0 on rows t >= length
     n,
     T,
     stride_eb,
@@ -115,20 +124,28 @@ def _crf_forward_kernel(
         )
     trans = tl.load(trans_ptr + offs[:, None] * T + offs[None, :], mask=tile_ok, other=float("-inf")).to(tl.float32)
     start = tl.load(start_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
-    end = tl.load(end_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
 
+    # Each step's alphas are shifted by their max (saved shifted, the shifts summed): a step's softmax only sees
+    # alpha differences, and small numbers keep their fp32 bits where unshifted alphas grow with t.
     alpha = start + tl.load(em_row + offs, mask=valid, other=float("-inf")).to(tl.float32)  # shape: (BT,)
+    shift = _step_max(alpha)
+    alpha -= shift
+    shift_sum = shift  # fp32 scalar: log Z = shift_sum + logsumexp_j(alpha_hat_last[j] + end[j])
     tl.store(al_row + offs, alpha, mask=valid)
     t = length * 0 + 1
     while t < length:  # while, not range(): the interpreter cannot run range() over runtime bounds
         em = tl.load(em_row + t * stride_en + offs, mask=valid, other=float("-inf")).to(tl.float32)
         alpha = _lse_cols(alpha[:, None] + trans) + em  # shape: (BT,) logsumexp_i(alpha_i + trans_ij) + em_j
+        shift = _step_max(alpha)
+        alpha -= shift
+        shift_sum += shift
         tl.store(al_row + t * T + offs, alpha, mask=valid)
         t += 1
     while t < n:  # padding rows: 0 (deterministic output)
         tl.store(al_row + t * T + offs, tl.zeros([BLOCK_T], dtype=tl.float32), mask=valid)
         t += 1
-    log_z = _log_z(alpha, end)
+    end = tl.load(end_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)  # (not live in the loop)
+    log_z = shift_sum + _log_z(alpha, end)
     if HAS_TAGS:
         tl.store(out_ptr + b, gold - log_z)
     else:

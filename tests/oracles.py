@@ -39,3 +39,35 @@ def tiny_bert(layers: int = 2, heads: int = 2, head_dim: int = 16, attn: str = "
     )
     torch.manual_seed(0)
     return BertModel(config, add_pooling_layer=False)
+
+
+def confident_crf_case(seed: int, b: int = 8, n: int = 60, t: int = 9, margin: float = 8.0):
+    """A CRF batch like a trained tagger's: emissions favour the gold tags by ``margin`` (so -log-likelihood is
+    ~0.01-1 per sequence while the path scores reach several hundred), ragged lengths up to ``n``, T ``t``.
+
+    Returns (emissions (B, n, T) fp32, tags (B, n) long, -100 on padding, mask (B, n) bool, [start, end,
+    transitions] fp32). Here a kernel's gradient is the small difference between the gold one-hot and marginals
+    near 1: kernels that lose fp32 bits to the alphas' magnitude or to ``1 - gamma`` show it (~1e-3 relative).
+    """
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(n // 2, n + 1, (b,), generator=g)
+    lengths[0] = n
+    mask = torch.arange(n) < lengths.unsqueeze(1)  # shape: (B, n)
+    tags = torch.randint(0, t, (b, n), generator=g)
+    em = torch.randn(b, n, t, generator=g) + margin * torch.nn.functional.one_hot(tags, t)  # shape: (B, n, T)
+    params = [torch.randn(*s, generator=g) * 0.3 for s in ((t,), (t,), (t, t))]
+    return em, tags.masked_fill(~mask, -100), mask, params
+
+
+def crf_grad_errors(em, tags, mask, params, backend: str, device: str = "cpu") -> list[float]:
+    """Relative errors (norm of the difference / norm) of -mean log-likelihood's gradients w.r.t. emissions, start, end
+    and transitions computed by ``backend`` on ``device`` in fp32, against the fp64 reference."""
+    from tpm_fast.ops.crf import crf_log_likelihood
+
+    grads = {}
+    for name, dtype, dev in (("fp64", torch.float64, "cpu"), (backend, torch.float32, device)):
+        leaves = [x.detach().to(dev, dtype).requires_grad_(True) for x in [em, *params]]
+        chosen = "reference" if name == "fp64" else backend
+        llh = crf_log_likelihood(leaves[0], tags.to(dev), mask.to(dev), *leaves[1:], backend=chosen)
+        grads[name] = [x.double().cpu() for x in torch.autograd.grad(-llh.mean(), leaves)]
+    return [((a - b).norm() / b.norm()).item() for a, b in zip(grads[backend], grads["fp64"])]

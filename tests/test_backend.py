@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tpm_fast.kernels.prefix_attention as attention_kernels
-from tpm_fast.ops import backend
+from tpm_fast.ops import backend, native
 from tpm_fast.ops.prefix_attention import prefix_attention
 from tpm_fast.reference.prefix_attention import prefix_attention as reference
 
@@ -18,7 +18,9 @@ CPU = torch.device("cpu")
 
 def test_resolve_rules():
     assert backend.resolve("reference", "prefix_attention", CPU, torch.float32, None) == "reference"
-    assert backend.resolve("auto", "prefix_attention", CPU, torch.float32, None) == "reference"  # see AUTO_NATIVE
+    native = backend.native_unavailable_reason() is None
+    auto_cpu = backend.resolve("auto", "prefix_attention", CPU, torch.float32, None)
+    assert auto_cpu == ("native" if native else "reference")
     assert backend.resolve("triton", "prefix_attention", CPU, torch.float32, None) == "triton"  # interpreter
     with pytest.raises(ValueError, match="backend must be one of"):
         backend.resolve("cuda", "prefix_attention", CPU, torch.float32, None)
@@ -103,13 +105,10 @@ def test_16_bit_inputs_need_bf16_hardware(auto_on_cpu, monkeypatch):
 @pytest.fixture
 def without_native(monkeypatch):
     """As on a machine where tpm_fast._C was not built."""
-    from tpm_fast.ops import native
-
     monkeypatch.setattr(native, "_STATE", {"reason": "tpm_fast._C is not available (simulated)"})
 
 
-def test_native_unavailable_auto_falls_back_and_forcing_it_says_why(without_native, monkeypatch):
-    monkeypatch.setattr(backend, "AUTO_NATIVE", True)
+def test_native_unavailable_auto_falls_back_and_forcing_it_says_why(without_native):
     assert backend.resolve("auto", "crf", CPU, torch.float32, None) == "reference"
     with pytest.raises(ValueError, match=r"backend='native': tpm_fast._C is not available \(simulated\)"):
         backend.resolve("native", "crf", CPU, torch.float32, None)
@@ -117,16 +116,37 @@ def test_native_unavailable_auto_falls_back_and_forcing_it_says_why(without_nati
     assert torch.equal(prefix_attention(*q), reference(*q))
 
 
-def test_native_rules(monkeypatch):
+def test_native_rules():
     if backend.native_unavailable_reason() is not None:
         pytest.skip("tpm_fast._C is not built here")
     assert backend.resolve("native", "prefix_attention", CPU, torch.float32, None) == "native"
-    assert backend.resolve("auto", "prefix_attention", CPU, torch.float32, None) == "reference"  # AUTO_NATIVE off
-    monkeypatch.setattr(backend, "AUTO_NATIVE", True)
     assert backend.resolve("auto", "prefix_attention", CPU, torch.float32, None) == "native"
     assert backend.resolve("auto", "prefix_attention", CPU, torch.float64, None) == "reference"  # not native's dtype
     assert backend.resolve("auto", "crf", CPU, torch.float16, None) == "native"
     with pytest.raises(ValueError, match="takes"):
         backend.resolve("native", "prefix_attention", CPU, torch.float16, None)
-    with pytest.raises(ValueError, match="CPU tensors"):
-        backend.resolve("native", "crf", torch.device("cuda"), torch.float32, None)
+    cuda = torch.device("cuda")
+    with pytest.raises(ValueError, match="prefix_attention kernels run on CPU tensors"):
+        backend.resolve("native", "prefix_attention", cuda, torch.float32, None)
+    if not native.has_cuda():
+        with pytest.raises(ValueError, match="built without CUDA"):
+            backend.resolve("native", "crf", cuda, torch.float32, None)
+
+
+def test_native_cuda_crf_rules(monkeypatch):
+    """Where tpm_fast._C has the CUDA CRF: "native" takes what the Triton CRF takes; "auto" picks it on CUDA only
+    for the ops in AUTO_CUDA_NATIVE (none until GPU figures exist), else Triton."""
+    if backend.native_unavailable_reason() is not None:
+        pytest.skip("tpm_fast._C is not built here")
+    monkeypatch.setattr(native, "has_cuda", lambda: True)
+    monkeypatch.setenv("TPM_FAST_SELF_CHECK", "0")
+    cuda = torch.device("cuda")
+    assert backend.resolve("native", "crf", cuda, torch.bfloat16, None) == "native"
+    too_many = backend.crf_unsupported(torch.float32, backend.MAX_TAGS + 1)
+    with pytest.raises(ValueError, match=f"at most {backend.MAX_TAGS}"):
+        backend.resolve("native", "crf", cuda, torch.float32, too_many)
+    assert backend.resolve("auto", "crf", cuda, torch.float32, None) == "triton"
+    monkeypatch.setattr(backend, "AUTO_CUDA_NATIVE", ("crf",))
+    assert backend.resolve("auto", "crf", cuda, torch.float32, None) == "native"
+    assert backend.resolve("auto", "crf", cuda, torch.float32, too_many) == "reference"
+    assert backend.resolve("auto", "prefix_attention", cuda, torch.float32, None) == "triton"

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torchcrf
 
+from tests.oracles import confident_crf_case, crf_grad_errors
 from tpm_fast.reference import crf as ref
 
 pytest.importorskip("tpm_fast._C")
@@ -67,13 +68,15 @@ def _reference_partials(em, tags, mask, params, w):
 
 
 def _alpha_fp64(em, mask, start, trans):
-    """Forward log-potentials (B, n, T) in fp64 by the textbook recursion, 0 on rows t >= length."""
+    """The kernels' saved alphas in fp64: forward log-potentials (B, n, T) by the textbook recursion, each step shifted
+    by its max over the tags (the kernels' contract: the shift drops out of every softmax), 0 on rows t >= length."""
     em, start, trans = em.double(), start.double(), trans.double()
     b, n, t = em.shape
     alpha = torch.zeros(b, n, t, dtype=F64)
     alpha[:, 0] = start + em[:, 0]
     for s in range(1, n):
         alpha[:, s] = torch.logsumexp(alpha[:, s - 1].unsqueeze(2) + trans, dim=1) + em[:, s]
+    alpha = alpha - alpha.amax(2, keepdim=True)
     return alpha.masked_fill(~mask.unsqueeze(2), 0.0)
 
 
@@ -268,11 +271,22 @@ def test_matches_the_triton_launchers(b, n, t, dtype):
 # ---------------------------------------------------------------------------------------------- hard numerics
 
 
+def _on_cuda() -> bool:
+    from tpm_fast.ops import native as loader
+
+    return torch.cuda.is_available() and loader.has_cuda()
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _on_cuda(), reason="no CUDA build of tpm_fast._C"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["scale1e4", "neg1e4", "neginf"])
 @pytest.mark.parametrize("with_tags", [True, False])
-def test_large_magnitudes_and_constraint_transitions(kind, with_tags):
+def test_large_magnitudes_and_constraint_transitions(kind, with_tags, device):
     """|emissions| ~ 1e4, and forbidden moves (-1e4 / -inf transitions and start): finite, and at most ~2x (value)
-    / ~3x (grads) the error of the reference computed in fp32, against the fp64 reference."""
+    / ~3x (grads) the error of the reference computed in fp32, against the fp64 reference; the CPU kernels and, on a
+    GPU, the CUDA ones (csrc/crf_cuda_*.cu)."""
     scale = 1e4 if kind == "scale1e4" else 3.0
     em, tags, mask, params = _inputs(5, 9, 5, seed=21, scale=scale)
     if kind != "scale1e4":
@@ -287,8 +301,10 @@ def test_large_magnitudes_and_constraint_transitions(kind, with_tags):
     g_base = torch.autograd.grad(base.sum(), leaves32, materialize_grads=True)
     g_base = [g_base[0], torch.cat([g.reshape(-1) for g in g_base[1:]])]
 
-    out, alpha = native.crf_forward(em, tags, mask, *params)
-    g_em, g_par = native.crf_backward(w.float(), tags, mask, params[1], params[2], alpha, em.dtype)
+    em_d, tags_d, mask_d, *params_d = (None if x is None else x.to(device) for x in (em, tags, mask, *params))
+    out, alpha = native.crf_forward(em_d, tags_d, mask_d, *params_d)
+    g_em, g_par = native.crf_backward(w.float().to(device), tags_d, mask_d, params_d[1], params_d[2], alpha, em.dtype)
+    out, g_em, g_par = out.cpu(), g_em.cpu(), g_par.cpu()
     assert torch.isfinite(out).all() and torch.isfinite(g_em).all() and torch.isfinite(g_par).all()
     floor = 1e-6
     assert _rel_err(out, expected) <= 2 * _rel_err(base, expected) + floor
@@ -297,8 +313,18 @@ def test_large_magnitudes_and_constraint_transitions(kind, with_tags):
     if kind != "scale1e4":  # forbidden moves get exactly zero marginal
         g_trans = g_par[:, 2 * 5 :].view(5, 5, 5)
         assert (g_trans[:, 0, 1] == 0).all() and (g_trans[:, 4, :3] == 0).all() and (g_par[:, 2] == 0).all()
-    paths, lengths = native.crf_viterbi(em, mask, *params)
+    paths, lengths = (x.cpu() for x in native.crf_viterbi(em_d, mask_d, *params_d))
     assert _paths(paths, lengths) == _paths(ref.crf_viterbi(em, mask, *params, validate=False)[0], lengths)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_confident_model_gradients_keep_fp32_precision(seed, device):
+    """A trained tagger's batch (gold tags favoured by 8, paths scoring hundreds, -log-likelihood ~0.3): every
+    gradient within 1e-5 of fp64 (the fp32 reference: ~1e-5 to 1e-4; kernels that keep unshifted alphas or form
+    1 - gamma lose ~1e-3 here, which slowed training down: see csrc/crf_cpu.cpp)."""
+    errors = crf_grad_errors(*confident_crf_case(seed), backend="native", device=device)
+    assert max(errors) <= 1e-5, errors
 
 
 @pytest.mark.parametrize("bad", [-1e4, float("-inf")])

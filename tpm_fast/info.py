@@ -42,6 +42,18 @@ def _native_cpu() -> tuple[bool, str]:
     return True, f"tpm_fast._C: prefix attention and CRF on CPU tensors, {torch.get_num_threads()} thread(s)"
 
 
+def _native_cuda() -> tuple[bool, str]:
+    from tpm_fast.ops import backend, native
+
+    reason = native.unavailable_reason()
+    if reason is not None:
+        return False, reason
+    if not native.has_cuda():
+        return False, "tpm_fast._C was built without CUDA (no CUDA torch / nvcc at install, or FORCE_CUDA unset)"
+    auto = "picked by auto" if "crf" in backend.AUTO_CUDA_NATIVE else "auto keeps Triton's until GPU figures favour it"
+    return True, f"tpm_fast._C: CRF on CUDA tensors ({auto}; backend='native' forces it)"
+
+
 def _dali() -> tuple[bool, str]:
     version = next(
         (v for d in ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali") if (v := _version(d))), None
@@ -85,7 +97,7 @@ def backends() -> list[tuple[str, bool, str]]:
         ("torch", True, f"{torch.__version__}, {devices}"),
         ("triton", *_triton()),
         ("native CPU", *_native_cpu()),
-        ("native CUDA", False, "not built: no CUDA sources in csrc/ yet (CUDA tensors use Triton)"),
+        ("native CUDA", *_native_cuda()),
         ("DALI", *_dali()),
         ("DeepSpeed", *_deepspeed()),
         ("transformers prefix cache", *_prefix_cache()),

@@ -2,8 +2,8 @@
 
 The function walks the modules of an unmodified ``transformers.BertModel`` (so pretrained weights, ZeRO-3 parameter
 hooks and ``state_dict`` names stay those of HF) and replaces only the attention product with
-:func:`tpm_fast.ops.prefix_attention.prefix_attention` (the fused Triton kernel on CUDA, the PyTorch reference
-elsewhere), which reads the prefix and the token K/V from their own tensors. It equals
+:func:`tpm_fast.ops.prefix_attention.prefix_attention` (the fused Triton kernel on CUDA, the native C++ kernel on
+CPU, else the PyTorch reference), which reads the prefix and the token K/V from their own tensors. It equals
 ``BertModel(..., cache=DynamicCache(prefix))`` with a ``(B, m + n)`` all-ones-then-padding mask
 (``tests/test_prompted_bert.py``, for both backends).
 """

@@ -4,12 +4,14 @@ module call.
 - ``"reference"``: the pure-PyTorch reference (`tpm_fast.reference`), on any device.
 - ``"triton"``: the fused kernels; CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
   Inputs the kernels do not cover raise ``ValueError``.
-- ``"native"``: the C++ CPU kernels of the extension ``tpm_fast._C`` (``csrc/``), on CPU tensors; fp32 / bf16
-  attention inputs (fp16 too for the CRF's emissions), any head dim and tag count.
+- ``"native"``: the kernels of the extension ``tpm_fast._C`` (``csrc/``): C++ on CPU tensors (fp32 / bf16 attention
+  inputs, fp32 / fp16 / bf16 CRF emissions, any head dim and tag count) and, where the extension was built with CUDA,
+  the CUDA CRF (up to :data:`MAX_TAGS` tags; attention on CUDA is Triton's).
 - ``"auto"``: on CUDA, Triton when Triton is importable, the inputs are covered (:func:`attention_unsupported`,
   :func:`crf_unsupported`), the device has bf16 (compute capability >= 8.0) for 16-bit inputs, and the op passed its
-  first-use self-check on that device; the reference everywhere else. On CPU ``"auto"`` will pick the native kernels
-  once :data:`AUTO_NATIVE` is on (see there); until then they run when asked for.
+  first-use self-check on that device, else the reference (the native CUDA CRF is not picked by ``"auto"`` until a
+  GPU benchmark shows it ahead of Triton's: :data:`AUTO_CUDA_NATIVE`). On CPU, the native kernels when the extension
+  is built and takes the dtype, else the reference.
 
 Self-check: the first time ``"auto"`` would pick Triton for an op on a device, the op's registered check runs a tiny
 case (a few ms) against the reference, forward and backward. On a mismatch (or an error) it warns once, naming the
@@ -34,6 +36,7 @@ __all__ = [
     "crf_unsupported",
     "interpreting",
     "native_unavailable_reason",
+    "native_unsupported",
     "register_self_check",
     "resolve",
     "self_check_passed",
@@ -52,11 +55,10 @@ NATIVE_DTYPES = {
     "crf": (torch.float32, torch.float16, torch.bfloat16),
 }
 """Input dtypes the native CPU kernels take, per op."""
-AUTO_NATIVE = False
-"""Whether ``"auto"`` picks the native kernels for CPU tensors. Off: they match the reference on every test
-(outputs and gradients, to fp32 rounding) and train the embedded default 1.07x faster, but over 3 seeds its dev F1
-came out 2.7 points lower than the reference's (92.9 / 95.5 / 90.8 vs 94.7 / 98.4 / 94.3), which is more than seed
-noise explains; until that is understood the CPU default stays the reference and ``backend="native"`` opts in."""
+AUTO_CUDA_NATIVE: tuple[str, ...] = ()
+"""Ops for which ``"auto"`` picks the native CUDA kernel over Triton's on CUDA tensors: the winner of
+``bench/test_crf.py`` (providers ``native`` and ``triton``) on an H100/H200. Empty until such figures exist (no GPU
+has been lent to this project yet), so CUDA runs Triton, the kernels whose GPU tests and reports exist."""
 
 _TRITON: list[bool] = []  # filled on first use (not functools.cache: torch.compile traces through this)
 _SELF_CHECKS: dict[str, Callable[[torch.device, torch.dtype], str | None]] = {}
@@ -105,6 +107,22 @@ def native_unavailable_reason() -> str | None:
     from tpm_fast.ops import native
 
     return native.unavailable_reason()
+
+
+def native_unsupported(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the native kernel of ``op`` cannot take ``dtype`` inputs on ``device`` (None when it can)."""
+    from tpm_fast.ops import native
+
+    problem = native.unavailable_reason()
+    if problem is None and device.type == "cuda" and (op != "crf" or not native.has_cuda()):
+        built = "run on CPU tensors" if op != "crf" else "were built without CUDA"
+        problem = f"the native {op} kernels {built}, got {device}"
+    elif problem is None and device.type not in ("cpu", "cuda"):
+        problem = f"the native kernels run on CPU (and, for the CRF, CUDA) tensors, got {device}"
+    if problem is None and dtype not in NATIVE_DTYPES[op]:
+        names = [str(d).removeprefix("torch.") for d in NATIVE_DTYPES[op]]
+        problem = f"the native {op} kernel takes {names} inputs, got {dtype}"
+    return problem
 
 
 def _bf16_capable(device: torch.device) -> bool:
@@ -166,12 +184,21 @@ def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, uns
 
     Raises:
         ValueError: unknown backend, ``"triton"`` where it cannot run (no Triton, CPU tensors without
-            ``TRITON_INTERPRET=1``, inputs the kernels do not cover), or ``"native"`` where it cannot (extension
-            not built, CUDA tensors, a dtype it does not take).
+            ``TRITON_INTERPRET=1``, inputs the kernels do not cover), or ``"native"`` where it cannot
+            (:func:`native_unsupported`).
     """
     if check_backend(backend) == "reference":
         return backend
-    if backend == "auto" and device.type in AUTO_DEVICE_TYPES:
+    auto = backend == "auto"
+    if backend == "native" or (auto and (device.type not in AUTO_DEVICE_TYPES or op in AUTO_CUDA_NATIVE)):
+        problem = native_unsupported(op, device, dtype)
+        if problem is None and device.type == "cuda":
+            problem = unsupported  # the CUDA CRF covers what the Triton CRF covers (tags, dtypes)
+        if problem is None:
+            return "native"
+        if backend == "native":
+            raise ValueError(f"backend='native': {problem}")
+    if auto and device.type in AUTO_DEVICE_TYPES:
         ok = (
             unsupported is None
             and triton_available()
@@ -179,19 +206,7 @@ def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype, uns
             and self_check_passed(op, device, dtype)
         )
         return "triton" if ok else "reference"
-    if backend == "native" or (backend == "auto" and AUTO_NATIVE):
-        problem = native_unavailable_reason()
-        if problem is None and device.type != "cpu":
-            problem = f"the native kernels run on CPU tensors (CUDA ones are not built), got {device}"
-        if problem is None and dtype not in NATIVE_DTYPES[op]:
-            names = [str(d).removeprefix("torch.") for d in NATIVE_DTYPES[op]]
-            problem = f"the native {op} kernel takes {names} inputs, got {dtype}"
-        if problem is None:
-            return "native"
-        if backend == "native":
-            raise ValueError(f"backend='native': {problem}")
-        return "reference"
-    if backend == "auto":
+    if auto:
         return "reference"
     if not triton_available():
         raise ValueError("backend='triton' needs the triton package (pip install triton)")

@@ -4,11 +4,12 @@ PyTorch reference.
 Same arguments and semantics as `tpm_fast.reference.crf` (pytorch-crf: ``transitions[i, j]`` scores tag i -> tag j,
 ``start`` / ``end`` (T,), emissions (B, n, T), masks (B, n) bool or uint8), plus two keywords:
 
-- ``backend``: ``"auto"`` | ``"triton"`` | ``"reference"``, resolved once per call by
+- ``backend``: ``"auto"`` | ``"triton"`` | ``"native"`` | ``"reference"``, resolved once per call by
   `tpm_fast.ops.backend.resolve` (``"auto"``: Triton on CUDA when it is installed, the inputs are covered and the
-  kernels passed their first-use self-check on the device; the reference elsewhere). Inputs the kernels do not
-  cover (:func:`tpm_fast.ops.backend.crf_unsupported`: any fp64 input, more than ``MAX_TAGS`` tags) run the
-  reference under ``"auto"`` and raise ``ValueError`` under ``"triton"``.
+  kernels passed their first-use self-check on the device; the native C++ kernels on CPU when ``tpm_fast._C`` is
+  built; the reference elsewhere). Inputs the Triton kernels do not cover
+  (:func:`tpm_fast.ops.backend.crf_unsupported`: any fp64 input, more than ``MAX_TAGS`` tags) run the reference
+  under ``"auto"`` on CUDA and raise ``ValueError`` under ``"triton"``.
 - ``validate``: the same on both backends. True: shapes and dtypes, then mask contents (first timestep on,
   left-aligned) and tags in ``[0, T)`` on real tokens, as `tpm_fast.reference.crf.check_inputs` does (one host
   sync; while ``torch.compile`` traces, the content checks are ``torch._assert_async`` device asserts instead,

@@ -12,7 +12,7 @@ import importlib
 
 import torch
 
-__all__ = ["load", "unavailable_reason"]
+__all__ = ["has_cuda", "load", "unavailable_reason"]
 
 _STATE: dict = {}  # "ops": the op namespace once loaded; "reason": why it could not be
 
@@ -21,6 +21,13 @@ def unavailable_reason() -> str | None:
     """None when the native extension is loaded (loading it on first call), else why it is not available."""
     load()
     return _STATE.get("reason")
+
+
+def has_cuda() -> bool:
+    """True when ``tpm_fast._C`` is loaded and was built with the CUDA CRF kernels (``csrc/crf_cuda_*.cu``)."""
+    if load() is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("tpm_fast_native::crf_forward", "CUDA")
 
 
 def load():

@@ -189,7 +189,7 @@ def prefix_attention(
         dropout_p: attention-probability dropout in [0, 1), inverted scaling. Triton: Philox keep-mask from a seed
             drawn with :func:`draw_dropout_seed`; reference: ``bernoulli_`` on ``generator``.
         scale: score scale, default 1 / sqrt(d).
-        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see :mod:`tpm_fast.ops.backend`).
+        backend: ``"auto"``, ``"triton"``, ``"native"`` or ``"reference"`` (see :mod:`tpm_fast.ops.backend`).
         validate: check shapes, dtypes, devices and dropout_p (no host sync) and resolve ``backend``; False trusts
             the caller (who validated once and passes a resolved backend, as ``prompted_bert`` does per layer).
 
