@@ -70,15 +70,31 @@ namespace {
 
 inline int64_t round_up(int64_t t, int64_t w) { return (t + w - 1) / w * w; }
 
-// Row length: number of nonzero entries of mask row b, clamped to [1, n].
-inline int64_t row_length(const uint8_t* mask, int64_t smb, int64_t smn, int64_t b, int64_t n) {
-  const uint8_t* row = mask + b * smb;
-  int64_t count = 0;
-  for (int64_t t = 0; t < n; ++t) count += row[t * smn] != 0;
-  return std::min(std::max<int64_t>(count, 1), n);
-}
-
 inline int64_t clamp_tag(int64_t tag, int64_t T) { return std::min(std::max<int64_t>(tag, 0), T - 1); }
+
+// The mask (B, n) bool / uint8 and the optional tags (B, n) int64 of a call, any strides.
+struct Rows {
+  const uint8_t* mask;
+  int64_t smb, smn, n;
+  const int64_t* tags;  // nullptr without tags
+  int64_t stb, stn;
+
+  Rows(const at::Tensor& mask_t, const std::optional<at::Tensor>& tags_t)
+      : mask(static_cast<const uint8_t*>(mask_t.data_ptr())), smb(mask_t.stride(0)), smn(mask_t.stride(1)),
+        n(mask_t.size(1)), tags(tags_t ? tags_t->data_ptr<int64_t>() : nullptr), stb(tags_t ? tags_t->stride(0) : 0),
+        stn(tags_t ? tags_t->stride(1) : 0) {}
+
+  // Row b's length: its number of nonzero mask entries, clamped to [1, n].
+  int64_t length(int64_t b) const {
+    const uint8_t* row = mask + b * smb;
+    int64_t count = 0;
+    for (int64_t t = 0; t < n; ++t) count += row[t * smn] != 0;
+    return std::min(std::max<int64_t>(count, 1), n);
+  }
+
+  // Row b's tag at position t, clamped into [0, T).
+  int64_t tag(int64_t b, int64_t t, int64_t T) const { return clamp_tag(tags[b * stb + t * stn], T); }
+};
 
 // The parameters as fp32 with the tag dimension padded to TP (see Params); start may be undefined (backward).
 struct Prepared {
@@ -132,10 +148,6 @@ void load_emissions(const scalar_t* row, int64_t sen, int64_t set, int64_t L, in
     for (int64_t j = 0; j < T; ++j) dst[t * TP + j] = static_cast<float>(row[t * sen + j * set]);
 }
 
-struct Strides2 {
-  int64_t b, n;
-};
-
 template <typename scalar_t>
 void forward_impl(const at::Tensor& emissions, const std::optional<at::Tensor>& tags, const at::Tensor& mask,
                   const at::Tensor& start_t, const at::Tensor& end_t, const at::Tensor& trans_t, at::Tensor& out,
@@ -144,10 +156,7 @@ void forward_impl(const at::Tensor& emissions, const std::optional<at::Tensor>& 
   const int64_t B = emissions.size(0), n = emissions.size(1), T = emissions.size(2), TP = round_up(T, k.lanes);
   const scalar_t* em = emissions.data_ptr<scalar_t>();  // shape: (B, n, T), any strides
   const int64_t seb = emissions.stride(0), sen = emissions.stride(1), set = emissions.stride(2);
-  const uint8_t* mk = static_cast<const uint8_t*>(mask.data_ptr());  // shape: (B, n)
-  const Strides2 sm{mask.stride(0), mask.stride(1)};
-  const int64_t* tg = tags ? tags->data_ptr<int64_t>() : nullptr;  // shape: (B, n)
-  const Strides2 st = tags ? Strides2{tags->stride(0), tags->stride(1)} : Strides2{0, 0};
+  const Rows rows(mask, tags);
   const Prepared prep(start_t, end_t, trans_t, T, TP);
   const Params P = prep.view();
   float* out_p = out.data_ptr<float>();   // shape: (B,)
@@ -156,28 +165,28 @@ void forward_impl(const at::Tensor& emissions, const std::optional<at::Tensor>& 
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t stop) {
     std::vector<float> e(n * TP, 0.0f), ws(3 * TP);  // shape: (n, TP) one row's emissions; kernel scratch
     for (int64_t b = begin; b < stop; ++b) {
-      const int64_t L = row_length(mk, sm.b, sm.n, b, n);
+      const int64_t L = rows.length(b);
       const scalar_t* em_row = em + b * seb;
       float* al = al_p + b * n * T;
       load_emissions(em_row, sen, set, L, T, TP, e.data());
       const double shift = k.forward(P, e.data(), L, al, ws.data());
       std::fill(al + L * T, al + n * T, 0.0f);  // padding rows
       const double log_z = shift + log_z_of(al + (L - 1) * T, P.end, T);
-      if (tg == nullptr) {
+      if (rows.tags == nullptr) {
         out_p[b] = static_cast<float>(log_z);
         continue;
       }
       // gold score: start[y_0] + sum_t em[t, y_t] + sum_{t>=1} trans[y_{t-1}, y_t] + end[y_last], summed in fp64 so
       // that gold - log Z (small for a confident model, from two values ~ the sequence's total score) keeps its bits
-      const int64_t* tag_row = tg + b * st.b;
-      int64_t prev = clamp_tag(tag_row[0], T);
+      const int64_t first = rows.tag(b, 0, T);
+      int64_t prev = first;
       double gold = e[prev];
       for (int64_t t = 1; t < L; ++t) {
-        const int64_t cur = clamp_tag(tag_row[t * st.n], T);
+        const int64_t cur = rows.tag(b, t, T);
         gold += static_cast<double>(e[t * TP + cur]) + P.tr[prev * TP + cur];
         prev = cur;
       }
-      gold += static_cast<double>(P.start[clamp_tag(tag_row[0], T)]) + P.end[prev];
+      gold += static_cast<double>(P.start[first]) + P.end[prev];
       out_p[b] = static_cast<float>(gold - log_z);
     }
   });
@@ -191,10 +200,7 @@ void backward_impl(const at::Tensor& grad_f, const std::optional<at::Tensor>& ta
   const int64_t B = alpha.size(0), n = alpha.size(1), T = alpha.size(2), TP = round_up(T, k.lanes);
   const float* gp = grad_f.data_ptr<float>();  // shape: (B,), element stride sg (may be 0)
   const int64_t sg = grad_f.stride(0);
-  const uint8_t* mk = static_cast<const uint8_t*>(mask.data_ptr());  // shape: (B, n)
-  const Strides2 sm{mask.stride(0), mask.stride(1)};
-  const int64_t* tg = tags ? tags->data_ptr<int64_t>() : nullptr;  // shape: (B, n)
-  const Strides2 st = tags ? Strides2{tags->stride(0), tags->stride(1)} : Strides2{0, 0};
+  const Rows rows(mask, tags);
   const Prepared prep(at::Tensor(), end_t, trans_t, T, TP);
   const Params P = prep.view();
   const float* al_p = alpha.data_ptr<float>();            // shape: (B, n, T) contiguous
@@ -205,13 +211,13 @@ void backward_impl(const at::Tensor& grad_f, const std::optional<at::Tensor>& ta
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t stop) {
     std::vector<float> ws(5 * TP + 2 * T * TP);            // kernel scratch
     std::vector<float> gd(kDirect ? 0 : n * T);            // shape: (n, T) g * d_t before the cast
-    std::vector<int64_t> tag_buf(tg != nullptr ? n : 0);  // shape: (n,) clamped tags of one row
+    std::vector<int64_t> tag_buf(rows.tags != nullptr ? n : 0);  // shape: (n,) clamped tags of one row
     for (int64_t b = begin; b < stop; ++b) {
-      const int64_t L = row_length(mk, sm.b, sm.n, b, n);
+      const int64_t L = rows.length(b);
       const float* al = al_p + b * n * T;
       out_t* gem = gem_p + b * n * T;
-      if (tg != nullptr) {
-        for (int64_t t = 0; t < L; ++t) tag_buf[t] = clamp_tag(tg[b * st.b + t * st.n], T);
+      if (rows.tags != nullptr) {
+        for (int64_t t = 0; t < L; ++t) tag_buf[t] = rows.tag(b, t, T);
       }
       float* gd_row = nullptr;
       if constexpr (kDirect) {
@@ -220,7 +226,7 @@ void backward_impl(const at::Tensor& grad_f, const std::optional<at::Tensor>& ta
         gd_row = gd.data();
       }
       const float log_z = log_z_of(al + (L - 1) * T, P.end, T);  // of the shifted alphas, as the forward's
-      k.backward(P, al, L, tg != nullptr ? tag_buf.data() : nullptr, gp[b * sg], log_z, gd_row,
+      k.backward(P, al, L, rows.tags != nullptr ? tag_buf.data() : nullptr, gp[b * sg], log_z, gd_row,
                  par_p + b * (2 * T + T * T), ws.data());
       if constexpr (!kDirect) {
         for (int64_t i = 0; i < L * T; ++i) gem[i] = static_cast<out_t>(gd_row[i]);
@@ -237,8 +243,7 @@ void viterbi_impl(const at::Tensor& emissions, const at::Tensor& mask, const at:
   const int64_t B = emissions.size(0), n = emissions.size(1), T = emissions.size(2), TP = round_up(T, k.lanes);
   const scalar_t* em = emissions.data_ptr<scalar_t>();  // shape: (B, n, T), any strides
   const int64_t seb = emissions.stride(0), sen = emissions.stride(1), set = emissions.stride(2);
-  const uint8_t* mk = static_cast<const uint8_t*>(mask.data_ptr());  // shape: (B, n)
-  const Strides2 sm{mask.stride(0), mask.stride(1)};
+  const Rows rows(mask, std::nullopt);
   const Prepared prep(start_t, end_t, trans_t, T, TP);
   const Params P = prep.view();
   int64_t* out_p = best.data_ptr<int64_t>();     // shape: (B, n)
@@ -248,7 +253,7 @@ void viterbi_impl(const at::Tensor& emissions, const at::Tensor& mask, const at:
     std::vector<float> e(n * TP, 0.0f), ws(2 * TP);  // shape: (n, TP) one row's emissions; kernel scratch
     std::vector<int32_t> bp(n * TP);                 // shape: (n, TP) back-pointers, rows 1 .. L-1
     for (int64_t b = begin; b < stop; ++b) {
-      const int64_t L = row_length(mk, sm.b, sm.n, b, n);
+      const int64_t L = rows.length(b);
       len_p[b] = L;
       int64_t* out = out_p + b * n;
       load_emissions(em + b * seb, sen, set, L, T, TP, e.data());

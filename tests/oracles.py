@@ -71,3 +71,75 @@ def crf_grad_errors(em, tags, mask, params, backend: str, device: str = "cpu") -
         llh = crf_log_likelihood(leaves[0], tags.to(dev), mask.to(dev), *leaves[1:], backend=chosen)
         grads[name] = [x.double().cpu() for x in torch.autograd.grad(-llh.mean(), leaves)]
     return [((a - b).norm() / b.norm()).item() for a, b in zip(grads[backend], grads["fp64"])]
+
+
+def crf_inputs(b, n, t, seed, dtype=torch.float32, scale=1.0, trans_scale=1.0, lengths=None, device="cpu"):
+    """A random CRF batch: emissions (B, n, T) in ``dtype`` (times ``scale``), fp32 params [start (T,), end (T,),
+    transitions (T, T)] (times ``trans_scale``), a left-aligned bool mask (default lengths: random, row 0 full, the
+    last row of length 1) and tags (-100 on padding), all on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    em = (torch.randn(b, n, t, generator=g) * scale).to(dtype)
+    params = [torch.randn(*s, generator=g) * trans_scale for s in ((t,), (t,), (t, t))]
+    if lengths is None:
+        lengths = torch.randint(1, n + 1, (b,), generator=g)
+        lengths[0] = n
+        if b > 1:
+            lengths[-1] = 1
+    mask = torch.arange(n) < torch.as_tensor(lengths).unsqueeze(1)  # shape: (B, n)
+    tags = torch.randint(0, t, (b, n), generator=g).masked_fill(~mask, -100)  # shape: (B, n)
+    return em.to(device), tags.to(device), mask.to(device), [p.to(device) for p in params]
+
+
+def viterbi_tie_case(seed: int, b: int = 9, n: int = 12, t: int = 4):
+    """Emissions (B, n, T) and params [start, end, transitions] of small integers in {-1, 0, 1} (many exact ties
+    between paths), and a left-aligned bool mask (B, n) with random lengths; fp32, CPU."""
+    g = torch.Generator().manual_seed(seed)
+    em = torch.randint(-1, 2, (b, n, t), generator=g).float()
+    params = [torch.randint(-1, 2, s, generator=g).float() for s in ((t,), (t,), (t, t))]
+    mask = torch.arange(n) < torch.randint(1, n + 1, (b,), generator=g).unsqueeze(1)
+    mask[:, 0] = True
+    return em, mask, params
+
+
+# (b, h, n, n_k, m, d): odd / prime n, n_k != n, m in {0, 1, 4, 16}, d in {16, 32, 64, 128}
+ATTENTION_CASES = [
+    (1, 1, 1, 1, 1, 16),
+    (2, 2, 7, 7, 4, 32),
+    (3, 1, 37, 37, 16, 32),
+    (2, 1, 37, 37, 1, 64),
+    (2, 2, 7, 19, 4, 16),
+    (3, 1, 19, 5, 0, 32),
+    (2, 1, 17, 17, 3, 128),
+]
+"""Prefix-attention shapes every kernel is checked on."""
+
+
+def attention_inputs(b, h, n, n_k, m, d, seed, dtype=torch.float32, qk_scale=1.0, device="cpu"):
+    """Fresh random q (B, H, n, d), k, v (B, H, n_k, d), k_p, v_p (B, H, m, d) in ``dtype`` on ``device`` (q and
+    the keys times ``qk_scale``)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n, d, generator=g) * qk_scale
+    k = torch.randn(b, h, n_k, d, generator=g) * qk_scale
+    v = torch.randn(b, h, n_k, d, generator=g)
+    k_p = torch.randn(b, h, m, d, generator=g) * qk_scale
+    v_p = torch.randn(b, h, m, d, generator=g)
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v, k_p, v_p)]
+
+
+def max_err(x, ref) -> float:
+    """Largest absolute difference (0 for empty tensors)."""
+    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
+
+
+def max_abs(x) -> float:
+    """Largest magnitude (0 for empty tensors)."""
+    return x.abs().max().item() if x.numel() else 0.0
+
+
+def native_cuda_crf_unavailable() -> str | None:
+    """Why the native CUDA CRF cannot run here (no GPU, tpm_fast._C not built or built without CUDA), else None."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    from tpm_fast.ops.backend import native_unsupported
+
+    return native_unsupported("crf", torch.device("cuda"), torch.float32)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchcrf
 
-from tests.oracles import DEVICE, brute_force_crf, confident_crf_case, crf_grad_errors
+from tests.oracles import DEVICE, brute_force_crf, confident_crf_case, crf_grad_errors, crf_inputs, viterbi_tie_case
 from tpm_fast.ops import backend
 from tpm_fast.ops import crf as ops
 from tpm_fast.profiling import count_kernel_ops, count_triton_launches
@@ -23,19 +23,8 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 def _inputs(b, n, t, seed, dtype=torch.float32, scale=1.0, trans_scale=1.0, lengths=None, device=DEV):
-    """Random emissions (B, n, T) in ``dtype``, fp32 params, left-aligned mask, tags (-100 on padding)."""
-    g = torch.Generator().manual_seed(seed)
-    em = (torch.randn(b, n, t, generator=g) * scale).to(dtype)
-    params = [torch.randn(*s, generator=g) * trans_scale for s in ((t,), (t,), (t, t))]
-    if lengths is None:
-        lengths = torch.randint(1, n + 1, (b,), generator=g)
-        lengths[0] = n
-        if b > 1:
-            lengths[-1] = 1
-    lengths = torch.as_tensor(lengths)
-    mask = torch.arange(n) < lengths.unsqueeze(1)  # shape: (B, n)
-    tags = torch.randint(0, t, (b, n), generator=g).masked_fill(~mask, -100)
-    return em.to(device), tags.to(device), mask.to(device), [p.to(device) for p in params]
+    """`tests.oracles.crf_inputs` on the test device."""
+    return crf_inputs(b, n, t, seed, dtype, scale, trans_scale, lengths, device)
 
 
 def _req(*xs):
@@ -248,13 +237,8 @@ def test_confident_model_gradients_keep_fp32_precision(seed):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_viterbi_ties_broken_like_pytorch_crf(seed):
-    g = torch.Generator().manual_seed(seed)
-    b, n, t = 9, 12, 4
-    em = torch.randint(-1, 2, (b, n, t), generator=g).float().to(DEV)  # small integers: many exact ties
-    params = [torch.randint(-1, 2, s, generator=g).float().to(DEV) for s in ((t,), (t,), (t, t))]
-    mask = torch.arange(n) < torch.randint(1, n + 1, (b,), generator=g).unsqueeze(1)
-    mask[:, 0] = True
-    mask = mask.to(DEV)
+    em, mask, params = viterbi_tie_case(seed)
+    em, mask, params = em.to(DEV), mask.to(DEV), [p.to(DEV) for p in params]
     paths, lengths = ops.crf_viterbi(em, mask, *params, backend="triton")
     expected = _torchcrf(params, torch.float32).decode(em.transpose(0, 1), mask.t())
     assert _paths(paths, lengths) == expected

@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.oracles import native_cuda_crf_unavailable, viterbi_tie_case
+
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA sources cannot be compiled here")
@@ -172,19 +174,7 @@ def test_binding_compiles_against_the_torch_headers(tmp_path):
 # ---------------------------------------------------------------------------------------------- on the GPU
 
 
-def _cuda_unavailable() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    try:
-        importlib.import_module("tpm_fast._C")
-    except ImportError as err:
-        return f"tpm_fast._C is not built ({err})"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("tpm_fast_native::crf_forward", "CUDA"):
-        return "tpm_fast._C was built without its CUDA kernels (CPU torch, or no nvcc at build time)"
-    return None
-
-
-CUDA_UNAVAILABLE = _cuda_unavailable()
+CUDA_UNAVAILABLE = native_cuda_crf_unavailable()
 needs_cuda = pytest.mark.skipif(CUDA_UNAVAILABLE is not None, reason=str(CUDA_UNAVAILABLE))
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 CUDA = torch.device("cuda")
@@ -331,12 +321,7 @@ def test_viterbi_matches_reference_and_pytorch_crf(h, ops, b, n, t, dtype, lengt
 @needs_cuda
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_viterbi_ties_broken_like_pytorch_crf(h, ops, seed):
-    g = torch.Generator().manual_seed(seed)
-    b, n, t = 9, 40, 36  # small integers: many exact ties, across both tag slots of a lane and across lanes
-    em = torch.randint(-1, 2, (b, n, t), generator=g).float()
-    params = [torch.randint(-1, 2, s, generator=g).float() for s in ((t,), (t,), (t, t))]
-    mask = torch.arange(n) < torch.randint(1, n + 1, (b,), generator=g).unsqueeze(1)
-    mask[:, 0] = True
+    em, mask, params = viterbi_tie_case(seed, n=40, t=36)  # ties across both tag slots of a lane and across lanes
     best, lengths = _cpu(ops.crf_viterbi(*_cuda(em, mask, *params)))
     assert h._paths(best, lengths) == h._torchcrf_decode(em, mask, params)
     assert torch.equal(best, h.ref.crf_viterbi(em, mask, *params, validate=False)[0])

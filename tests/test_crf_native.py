@@ -15,7 +15,13 @@ import pytest
 import torch
 import torchcrf
 
-from tests.oracles import confident_crf_case, crf_grad_errors
+from tests.oracles import (
+    confident_crf_case,
+    crf_grad_errors,
+    crf_inputs,
+    native_cuda_crf_unavailable,
+    viterbi_tie_case,
+)
 from tpm_fast.reference import crf as ref
 
 pytest.importorskip("tpm_fast._C")
@@ -25,19 +31,8 @@ F32, F64 = torch.float32, torch.float64
 
 
 def _inputs(b, n, t, seed, dtype=torch.float32, scale=2.0, trans_scale=1.0, lengths=None):
-    """Random emissions (B, n, T) in ``dtype``, fp32 params [start (T,), end (T,), transitions (T, T)], a left-aligned
-    bool mask (default lengths: random, row 0 full, the last row of length 1), tags (-100 on padding)."""
-    g = torch.Generator().manual_seed(seed)
-    em = (torch.randn(b, n, t, generator=g) * scale).to(dtype)
-    params = [torch.randn(*s, generator=g) * trans_scale for s in ((t,), (t,), (t, t))]
-    if lengths is None:
-        lengths = torch.randint(1, n + 1, (b,), generator=g)
-        lengths[0] = n
-        if b > 1:
-            lengths[-1] = 1
-    mask = torch.arange(n) < torch.as_tensor(lengths).unsqueeze(1)  # shape: (B, n)
-    tags = torch.randint(0, t, (b, n), generator=g).masked_fill(~mask, -100)  # shape: (B, n)
-    return em, tags, mask, params
+    """`tests.oracles.crf_inputs` on CPU, emissions scaled by 2 unless told."""
+    return crf_inputs(b, n, t, seed, dtype, scale, trans_scale, lengths)
 
 
 def _rel_err(x, r):
@@ -271,13 +266,11 @@ def test_matches_the_triton_launchers(b, n, t, dtype):
 # ---------------------------------------------------------------------------------------------- hard numerics
 
 
-def _on_cuda() -> bool:
-    from tpm_fast.ops import native as loader
-
-    return torch.cuda.is_available() and loader.has_cuda()
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _on_cuda(), reason="no CUDA build of tpm_fast._C"))]
+CUDA_UNAVAILABLE = native_cuda_crf_unavailable()
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(CUDA_UNAVAILABLE is not None, reason=str(CUDA_UNAVAILABLE))),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -386,12 +379,7 @@ def test_viterbi_matches_reference_and_pytorch_crf(b, n, t, dtype, lengths):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_viterbi_ties_broken_like_pytorch_crf(seed):
-    g = torch.Generator().manual_seed(seed)
-    b, n, t = 9, 12, 4
-    em = torch.randint(-1, 2, (b, n, t), generator=g).float()  # small integers: many exact ties
-    params = [torch.randint(-1, 2, s, generator=g).float() for s in ((t,), (t,), (t, t))]
-    mask = torch.arange(n) < torch.randint(1, n + 1, (b,), generator=g).unsqueeze(1)
-    mask[:, 0] = True
+    em, mask, params = viterbi_tie_case(seed)
     best, lengths = native.crf_viterbi(em, mask, *params)
     assert _paths(best, lengths) == _torchcrf_decode(em, mask, params)
     assert torch.equal(best, ref.crf_viterbi(em, mask, *params, validate=False)[0])

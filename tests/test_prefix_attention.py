@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tpm_fast.kernels.prefix_attention as kernels
+from tests.oracles import ATTENTION_CASES, attention_inputs, max_abs, max_err
 from tpm_fast.kernels.prefix_attention import (
     dropout_keep_mask,
     launch_prefix_attention_bwd,
@@ -25,13 +26,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 
 def _inputs(b, h, n, n_k, m, d, seed, dtype=torch.float32, qk_scale=1.0, device=DEVICE):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, n, d, generator=g) * qk_scale
-    k = torch.randn(b, h, n_k, d, generator=g) * qk_scale
-    v = torch.randn(b, h, n_k, d, generator=g)
-    k_p = torch.randn(b, h, m, d, generator=g) * qk_scale
-    v_p = torch.randn(b, h, m, d, generator=g)
-    return [x.to(device=device, dtype=dtype) for x in (q, k, v, k_p, v_p)]
+    return attention_inputs(b, h, n, n_k, m, d, seed, dtype, qk_scale, device)
 
 
 def _out_and_grads(inputs, w, **kw):
@@ -43,40 +38,20 @@ def _out_and_grads(inputs, w, **kw):
     return out, grads
 
 
-def _err(x, ref):
-    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
-
-
-def _amax(x):
-    return x.abs().max().item() if x.numel() else 0.0
-
-
 def _check_fp32(inputs, rtol=1e-5, **kw):
     """Triton (fp32 inputs) vs the reference in fp64: forward and all five gradients, relative max error."""
     w = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1)).to(inputs[0].device)
     out, grads = _out_and_grads(inputs, w, backend="triton", **kw)
     truth, truth_grads = _out_and_grads([x.double() for x in inputs], w.double(), backend="reference", **kw)
     assert out.dtype == inputs[0].dtype and torch.isfinite(out).all()
-    assert _err(out, truth) <= rtol * (1 + _amax(truth))
+    assert max_err(out, truth) <= rtol * (1 + max_abs(truth))
     for g, t in zip(grads, truth_grads):
         assert g.dtype == inputs[0].dtype and g.shape == t.shape and torch.isfinite(g).all()
-        assert _err(g, t) <= rtol * (1 + _amax(t)), (_err(g, t), _amax(t))
+        assert max_err(g, t) <= rtol * (1 + max_abs(t)), (max_err(g, t), max_abs(t))
     return out, grads
 
 
-# (b, h, n, n_k, m, d): odd / prime n, n_k != n, m in {0, 1, 4, 16}, d in {16, 32, 64, 128}
-CASES = [
-    (1, 1, 1, 1, 1, 16),
-    (2, 2, 7, 7, 4, 32),
-    (3, 1, 37, 37, 16, 32),
-    (2, 1, 37, 37, 1, 64),
-    (2, 2, 7, 19, 4, 16),
-    (3, 1, 19, 5, 0, 32),
-    (2, 1, 17, 17, 3, 128),
-]
-
-
-@pytest.mark.parametrize("b,h,n,n_k,m,d", CASES)
+@pytest.mark.parametrize("b,h,n,n_k,m,d", ATTENTION_CASES)
 @pytest.mark.parametrize("padding", ["lengths", "mask", "mask+bounds"])
 def test_forward_and_grads_match_fp64_reference(b, h, n, n_k, m, d, padding):
     inputs = _inputs(b, h, n, n_k, m, d, seed=b + h + n + n_k + m + d)
@@ -113,10 +88,10 @@ def test_large_logits_within_reference_fp32_error():
     out, grads = _out_and_grads(inputs, w, backend="triton", **kw)
     ref32, ref32_grads = _out_and_grads(inputs, w, backend="reference", **kw)
     truth, truth_grads = _out_and_grads([x.double() for x in inputs], w.double(), backend="reference", **kw)
-    assert _err(out, truth) <= 2 * _err(ref32, truth) + 1e-5
+    assert max_err(out, truth) <= 2 * max_err(ref32, truth) + 1e-5
     for g, r, t in zip(grads, ref32_grads, truth_grads):
         assert torch.isfinite(g).all()
-        assert _err(g, t) <= 3 * _err(r, t) + 1e-5 * (1 + _amax(t))
+        assert max_err(g, t) <= 3 * max_err(r, t) + 1e-5 * (1 + max_abs(t))
 
 
 def test_non_contiguous_views_of_joined_hf_tensors():
@@ -142,9 +117,9 @@ def test_non_contiguous_views_of_joined_hf_tensors():
         )
         outs.append(out)
         grads.append(torch.autograd.grad(out.square().sum(), (hq, jk, jv)))
-    assert _err(outs[0], outs[1]) <= 1e-5
+    assert max_err(outs[0], outs[1]) <= 1e-5
     for g32, g64 in zip(*grads):
-        assert _err(g32, g64) <= 1e-5 * (1 + _amax(g64))
+        assert max_err(g32, g64) <= 1e-5 * (1 + max_abs(g64))
 
 
 def _blocks(monkeypatch, block_m, block_n):
@@ -211,10 +186,10 @@ def test_fp16_within_reference_fp16_error():
         [x.double() for x in inputs], w.double(), backend="reference", key_padding_mask=mask
     )
     assert out.dtype == torch.float16
-    assert _err(out, truth) <= 2 * _err(low, truth) + 1e-3
+    assert max_err(out, truth) <= 2 * max_err(low, truth) + 1e-3
     for g, lo, t in zip(grads, low_grads, truth_grads):
         assert g.dtype == torch.float16
-        assert _err(g, t) <= 3 * _err(lo, t) + 1e-3
+        assert max_err(g, t) <= 3 * max_err(lo, t) + 1e-3
 
 
 # --------------------------------------------------------------------------------------------------- dropout
@@ -243,11 +218,11 @@ def test_dropout_matches_torch_with_the_materialized_keep_mask():
     truth, truth_grads = _out_and_grads(
         [x.double() for x in inputs], w.double(), fn=lambda *x: _dropout_truth(x, keep, p, lengths)
     )
-    assert _err(out, truth) <= 1e-5 * (1 + _amax(truth))
+    assert max_err(out, truth) <= 1e-5 * (1 + max_abs(truth))
     for g, t in zip(grads, truth_grads):
-        assert _err(g, t) <= 1e-5 * (1 + _amax(t))
+        assert max_err(g, t) <= 1e-5 * (1 + max_abs(t))
     plain = prefix_attention(*inputs, lengths=lengths, backend="triton")
-    assert _err(out, plain) > 1e-2  # dropout did something
+    assert max_err(out, plain) > 1e-2  # dropout did something
 
 
 def test_dropout_seeds_and_drop_fraction():
@@ -372,10 +347,10 @@ def test_bf16_within_reference_bf16_error(b, h, n, n_k, m, d):
         [x.double() for x in inputs], w.double(), backend="reference", key_padding_mask=mask
     )
     assert out.dtype == torch.bfloat16
-    assert _err(out, truth) <= 2 * _err(low, truth) + 1e-2
+    assert max_err(out, truth) <= 2 * max_err(low, truth) + 1e-2
     for g, lo, t in zip(grads, low_grads, truth_grads):
         assert g.dtype == torch.bfloat16
-        assert _err(g, t) <= 3 * _err(lo, t) + 1e-2
+        assert max_err(g, t) <= 3 * max_err(lo, t) + 1e-2
 
 
 @pytest.mark.skipif(not CUDA, reason="full-size run: GPU only")
@@ -391,6 +366,6 @@ def test_full_size_gpu(dtype, b, n, m):
     low, low_grads = _out_and_grads(inputs, w, backend="reference", lengths=lengths)
     truth, truth_grads = _out_and_grads([x.double() for x in inputs], w.double(), backend="reference", lengths=lengths)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert _err(out, truth) <= 2 * _err(low, truth) + tol
+    assert max_err(out, truth) <= 2 * max_err(low, truth) + tol
     for g, lo, t in zip(grads, low_grads, truth_grads):
-        assert _err(g, t) <= 3 * _err(lo, t) + tol * (1 + _amax(t))
+        assert max_err(g, t) <= 3 * max_err(lo, t) + tol * (1 + max_abs(t))

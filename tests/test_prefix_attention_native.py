@@ -14,22 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests.oracles import ATTENTION_CASES, attention_inputs, max_abs, max_err
 from tpm_fast.ops.prefix_attention import key_bounds
 from tpm_fast.reference.prefix_attention import prefix_attention as reference
 
 pytest.importorskip("tpm_fast._C")
 native = torch.ops.tpm_fast_native
-
-
-def _inputs(b, h, n, n_k, m, d, seed, dtype=torch.float32, qk_scale=1.0):
-    """Fresh random q (B, H, n, d), k, v (B, H, n_k, d), k_p, v_p (B, H, m, d) in ``dtype``."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, n, d, generator=g) * qk_scale
-    k = torch.randn(b, h, n_k, d, generator=g) * qk_scale
-    v = torch.randn(b, h, n_k, d, generator=g)
-    k_p = torch.randn(b, h, m, d, generator=g) * qk_scale
-    v_p = torch.randn(b, h, m, d, generator=g)
-    return [x.to(dtype) for x in (q, k, v, k_p, v_p)]
 
 
 def _native(inputs, w, key_padding_mask=None, lengths=None, dropout_p=0.0, seed=None, scale=None):
@@ -54,14 +44,6 @@ def _ref(inputs, w, dtype=torch.float64, **kw):
     return _autograd(lambda *x: reference(*x, **kw), inputs, w, dtype)
 
 
-def _err(x, ref):
-    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
-
-
-def _amax(x):
-    return x.abs().max().item() if x.numel() else 0.0
-
-
 def _weights(like, seed):
     return torch.randn(like.shape, generator=torch.Generator().manual_seed(seed))
 
@@ -73,33 +55,22 @@ def _check_fp32(inputs, rtol=1e-5, scale=None, **kw):
     truth, truth_grads = _ref(inputs, w, scale=scale, **kw)
     assert out.dtype == inputs[0].dtype and out.shape == truth.shape and torch.isfinite(out).all()
     assert lse.dtype == torch.float32 and lse.shape == inputs[0].shape[:3] and lse.is_contiguous()
-    assert _err(out, truth) <= rtol * (1 + _amax(truth))
+    assert max_err(out, truth) <= rtol * (1 + max_abs(truth))
     for g, t, x in zip(grads, truth_grads, inputs):
         assert g.dtype == x.dtype and g.shape == x.shape and torch.isfinite(g).all()
-        assert _err(g, t) <= rtol * (1 + _amax(t)), (_err(g, t), _amax(t))
+        assert max_err(g, t) <= rtol * (1 + max_abs(t)), (max_err(g, t), max_abs(t))
     return out, lse, grads
 
 
-# (b, h, n, n_k, m, d): odd / prime n, n_k != n, m in {0, 1, 4, 16}, d in {16, 32, 64, 128} and not powers of 2;
-# n and m + n_k past one register tile (6 rows, 64 columns) and past a 16-lane vector
-CASES = [
-    (1, 1, 1, 1, 1, 16),
-    (2, 2, 7, 7, 4, 32),
-    (3, 1, 37, 37, 16, 32),
-    (2, 1, 37, 37, 1, 64),
-    (2, 2, 7, 19, 4, 16),
-    (3, 1, 19, 5, 0, 32),
-    (2, 1, 17, 17, 3, 128),
-    (3, 2, 13, 29, 4, 24),
-    (2, 1, 11, 9, 16, 40),
-    (3, 1, 131, 127, 16, 64),
-]
+# (b, h, n, n_k, m, d): the shared cases, and head dims that are not powers of 2, n and m + n_k past one register
+# tile (6 rows, 64 columns) and past a 16-lane vector
+CASES = ATTENTION_CASES + [(3, 2, 13, 29, 4, 24), (2, 1, 11, 9, 16, 40), (3, 1, 131, 127, 16, 64)]
 
 
 @pytest.mark.parametrize("b,h,n,n_k,m,d", CASES)
 @pytest.mark.parametrize("padding", ["none", "lengths", "mask", "mask+lengths", "mask+bounds"])
 def test_forward_and_grads_match_fp64_reference(b, h, n, n_k, m, d, padding):
-    inputs = _inputs(b, h, n, n_k, m, d, seed=b + h + n + n_k + m + d)
+    inputs = attention_inputs(b, h, n, n_k, m, d, seed=b + h + n + n_k + m + d)
     g = torch.Generator().manual_seed(n)
     lengths = torch.tensor([n_k, 0, 1][:b])  # full, fully padded, one token
     mask = torch.rand(b, n_k, generator=g) < 0.6  # not left-aligned; row 0 all visible, row 1 all hidden
@@ -129,13 +100,13 @@ def test_forward_and_grads_match_fp64_reference(b, h, n, n_k, m, d, padding):
 
 
 def test_custom_scale_and_no_padding():
-    _check_fp32(_inputs(2, 2, 23, 23, 5, 32, seed=11), scale=0.3)
+    _check_fp32(attention_inputs(2, 2, 23, 23, 5, 32, seed=11), scale=0.3)
 
 
 def test_lse_in_log2_units():
     """lse = log2-unit logsumexp of the visible scaled scores (prefix always visible), +inf without any key."""
     b, h, n, m, d = 3, 2, 37, 16, 32
-    q, k, v, k_p, v_p = _inputs(b, h, n, n, m, d, seed=14)
+    q, k, v, k_p, v_p = attention_inputs(b, h, n, n, m, d, seed=14)
     lengths = torch.tensor([37, 20, 0])
     scale = 1 / math.sqrt(d)
     out, lse = native.prefix_attention_fwd(q, k, v, k_p, v_p, None, lengths, None, 0.0, scale)
@@ -156,25 +127,25 @@ def test_lse_in_log2_units():
 
 def test_large_logits_within_reference_fp32_error():
     """q, k scaled by 30: scores ~ 1e3. The fp32 reference itself loses digits; stay within 2x / 3x its error."""
-    inputs = _inputs(2, 1, 37, 37, 4, 32, seed=12, qk_scale=30.0)
+    inputs = attention_inputs(2, 1, 37, 37, 4, 32, seed=12, qk_scale=30.0)
     kw = {"lengths": torch.tensor([37, 9])}
     w = _weights(inputs[0], 2)
     out, _, grads = _native(inputs, w, **kw)
     ref32, ref32_grads = _ref(inputs, w, dtype=torch.float32, **kw)
     truth, truth_grads = _ref(inputs, w, **kw)
-    assert _err(out, truth) <= 2 * _err(ref32, truth) + 1e-5
+    assert max_err(out, truth) <= 2 * max_err(ref32, truth) + 1e-5
     for g, r, t in zip(grads, ref32_grads, truth_grads):
         assert torch.isfinite(g).all()
-        assert _err(g, t) <= 3 * _err(r, t) + 1e-5 * (1 + _amax(t))
+        assert max_err(g, t) <= 3 * max_err(r, t) + 1e-5 * (1 + max_abs(t))
 
 
 def test_edge_shapes():
     """No token keys (prefix only); no keys at all; a single query."""
-    _check_fp32(_inputs(2, 2, 5, 0, 3, 16, seed=21))
-    q, k, v, k_p, v_p = _inputs(2, 1, 5, 0, 0, 16, seed=22)
+    _check_fp32(attention_inputs(2, 2, 5, 0, 3, 16, seed=21))
+    q, k, v, k_p, v_p = attention_inputs(2, 1, 5, 0, 0, 16, seed=22)
     out, lse, grads = _native([q, k, v, k_p, v_p], torch.randn_like(q))
     assert (out == 0).all() and (lse == math.inf).all() and (grads[0] == 0).all()
-    _check_fp32(_inputs(2, 3, 1, 9, 2, 32, seed=23), lengths=torch.tensor([4, 9]))
+    _check_fp32(attention_inputs(2, 3, 1, 9, 2, 32, seed=23), lengths=torch.tensor([4, 9]))
 
 
 def test_strided_views_of_projections_and_joined_keys():
@@ -202,21 +173,21 @@ def test_strided_views_of_projections_and_joined_keys():
 @pytest.mark.parametrize("b,h,n,n_k,m,d", [(2, 3, 37, 37, 4, 64), (2, 2, 19, 45, 16, 128), (3, 2, 7, 7, 0, 24)])
 def test_bf16_within_reference_bf16_error(b, h, n, n_k, m, d):
     """Error vs fp64 truth at most 2x (forward) / 3x (backward) the reference's own bf16 error."""
-    inputs = _inputs(b, h, n, n_k, m, d, seed=21, dtype=torch.bfloat16, qk_scale=2.0)
+    inputs = attention_inputs(b, h, n, n_k, m, d, seed=21, dtype=torch.bfloat16, qk_scale=2.0)
     mask = torch.rand(b, n_k, generator=torch.Generator().manual_seed(9)) < 0.7
     w = _weights(inputs[0], 10).bfloat16()
     out, _, grads = _native(inputs, w, key_padding_mask=mask)
     low, low_grads = _ref(inputs, w, dtype=torch.bfloat16, key_padding_mask=mask)
     truth, truth_grads = _ref(inputs, w, key_padding_mask=mask)
     assert out.dtype == torch.bfloat16
-    assert _err(out, truth) <= 2 * _err(low, truth) + 1e-2
+    assert max_err(out, truth) <= 2 * max_err(low, truth) + 1e-2
     for g, lo, t in zip(grads, low_grads, truth_grads):
         assert g.dtype == torch.bfloat16
-        assert _err(g, t) <= 3 * _err(lo, t) + 1e-2
+        assert max_err(g, t) <= 3 * max_err(lo, t) + 1e-2
 
 
 def test_thread_count_does_not_change_results():
-    inputs = _inputs(3, 4, 29, 31, 4, 32, seed=24)
+    inputs = attention_inputs(3, 4, 29, 31, 4, 32, seed=24)
     mask = torch.rand(3, 31, generator=torch.Generator().manual_seed(2)) < 0.8
     w = _weights(inputs[0], 3)
     threads = torch.get_num_threads()
@@ -232,7 +203,7 @@ def test_thread_count_does_not_change_results():
 
 
 def test_bad_inputs_raise():
-    q, k, v, k_p, v_p = _inputs(2, 2, 5, 5, 3, 16, seed=0)
+    q, k, v, k_p, v_p = attention_inputs(2, 2, 5, 5, 3, 16, seed=0)
     with pytest.raises(RuntimeError):
         native.prefix_attention_fwd(q.double(), k.double(), v.double(), k_p.double(), v_p.double(), None, None, None,
                                     0.0, 0.25)  # fmt: skip
@@ -289,7 +260,7 @@ def _native_keep_mask(b, h, n, m, n_k, p, seed, lengths):
     """The native forward's keep-mask, read off its output: with V = identity over the joined keys (d = m + n_k),
     out[..., j] = p_j * keep_j / (1 - p), and every visible p_j > 0 (small scores). Hidden columns read False."""
     d = m + n_k
-    q, k, _, k_p, _ = _inputs(b, h, n, n_k, m, d, seed=seed % 1000, qk_scale=0.1)
+    q, k, _, k_p, _ = attention_inputs(b, h, n, n_k, m, d, seed=seed % 1000, qk_scale=0.1)
     eye = torch.eye(d).expand(b, h, d, d)
     out, _ = native.prefix_attention_fwd(
         q, k, eye[:, :, m:].contiguous(), k_p, eye[:, :, :m].contiguous(), None, lengths, torch.tensor([seed]), p, 0.5
@@ -328,7 +299,7 @@ def _dropout_truth(inputs, keep, p, mask, lengths, scale):
 @pytest.mark.parametrize("b,h,n,n_k,m,d", [(2, 2, 21, 21, 3, 16), (3, 1, 37, 29, 16, 24), (2, 2, 9, 13, 0, 64)])
 def test_dropout_matches_torch_with_the_keep_mask(b, h, n, n_k, m, d):
     p, seed, scale = 0.3, 1234, 1 / math.sqrt(d)
-    inputs = _inputs(b, h, n, n_k, m, d, seed=16)
+    inputs = attention_inputs(b, h, n, n_k, m, d, seed=16)
     g = torch.Generator().manual_seed(3)
     lengths = torch.tensor([n_k, n_k // 3, 0][:b])
     mask = torch.rand(b, n_k, generator=g) < 0.8
@@ -342,15 +313,15 @@ def test_dropout_matches_torch_with_the_keep_mask(b, h, n, n_k, m, d):
     )
     truth = truth.nan_to_num(0.0)  # m = 0 and no visible token: 0 (the softmax of nothing is NaN)
     truth_grads = [t.nan_to_num(0.0) for t in truth_grads]
-    assert _err(out, truth) <= 1e-5 * (1 + _amax(truth))
+    assert max_err(out, truth) <= 1e-5 * (1 + max_abs(truth))
     for g_, t in zip(grads, truth_grads):
-        assert _err(g_, t) <= 1e-5 * (1 + _amax(t))
+        assert max_err(g_, t) <= 1e-5 * (1 + max_abs(t))
     plain, _, _ = _native(inputs, w, key_padding_mask=mask, lengths=lengths)
-    assert _err(out, plain) > 1e-2  # dropout did something
+    assert max_err(out, plain) > 1e-2  # dropout did something
 
 
 def test_dropout_seeds():
-    inputs = _inputs(1, 2, 16, 16, 2, 16, seed=17)
+    inputs = attention_inputs(1, 2, 16, 16, 2, 16, seed=17)
     w = _weights(inputs[0], 6)
 
     def run(seed):

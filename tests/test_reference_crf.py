@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchcrf
 
-from tests.oracles import brute_force_crf
+from tests.oracles import brute_force_crf, viterbi_tie_case
 from tpm_fast.reference.crf import crf_gold_score, crf_log_likelihood, crf_log_partition, crf_viterbi
 
 METHODS = ["auto", "exp", "log"]
@@ -82,12 +82,7 @@ def test_matches_pytorch_crf_fp64(b, n, t, method, scale):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_viterbi_ties_broken_like_pytorch_crf(seed):
-    g = torch.Generator().manual_seed(seed)
-    b, n, t = 9, 12, 4
-    em = torch.randint(-1, 2, (b, n, t), generator=g).float()  # small integers: many exact ties
-    params = [torch.randint(-1, 2, s, generator=g).float() for s in ((t,), (t,), (t, t))]
-    mask = torch.arange(n) < torch.randint(1, n + 1, (b,), generator=g).unsqueeze(1)
-    mask[:, 0] = True
+    em, mask, params = viterbi_tie_case(seed)
     paths, lengths = crf_viterbi(em, mask, *params)
     expected = _torchcrf(params, torch.float32).decode(em, mask)
     assert [row[:k] for row, k in zip(paths.tolist(), lengths.tolist())] == expected
