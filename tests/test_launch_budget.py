@@ -9,11 +9,15 @@ layer + the CRF's, the key bounds computed once per forward, no host read and no
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import tpm_fast.kernels.prefix_attention as attention_kernels
+import tpm_fast.model as model_module
 from tpm_fast.data.labels import LABELS
+from tpm_fast.layers.prompted_bert import pack_index, prompted_bert
 from tpm_fast.model import TPMMI, TPMConfig
 from tpm_fast.ops.prefix_attention import key_bounds, prefix_attention
 from tpm_fast.plain_engine import PlainEngine
@@ -63,7 +67,12 @@ BERT_BASE = dict(
 VIT_B16 = dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12)
 
 
-def test_training_step_at_bert_base_shapes_has_no_host_sync_and_its_launch_budget():
+@pytest.mark.parametrize("packed", [True, False])
+def test_training_step_at_bert_base_shapes_has_no_host_sync_and_its_launch_budget(monkeypatch, packed):
+    """Packed: the batch carries the real pieces' index (as a CUDA caller passes it); padded: what CUDA runs by
+    default (padding computed)."""
+    if not packed:
+        monkeypatch.setattr(model_module, "prompted_bert", functools.partial(prompted_bert, pack=False))
     torch.manual_seed(0)
     config = TPMConfig(bert=BERT_BASE, vit=VIT_B16)
     model = TPMMI(config, backend="triton").train()
@@ -82,6 +91,8 @@ def test_training_step_at_bert_base_shapes_has_no_host_sync_and_its_launch_budge
         "image_slot": slot,
         "image_mask": image_mask,
     }
+    if packed:
+        batch["token_index"] = pack_index(mask)  # made outside the step, where the mask is on the host
     bounds_seen, copied = [], []
     launch_fwd, canonical = attention_kernels.launch_prefix_attention_fwd, attention_kernels.canonical_inputs
 

@@ -71,7 +71,9 @@ class TPMMI(nn.Module):
 
     Batches are the dicts of :func:`tpm_fast.data.dataset.collate`: ``input_ids`` (B, n) long, ``attention_mask``
     (B, n) bool, ``labels`` (B, n) long, ``pixel_values`` (N, 3, S, S) float (present images only),
-    ``image_post`` / ``image_slot`` (N,) long and ``image_mask`` (B, m) bool.
+    ``image_post`` / ``image_slot`` (N,) long, ``image_mask`` (B, m) bool, and optionally ``token_index`` (T,) long
+    (:func:`tpm_fast.layers.prompted_bert.pack_index` of the mask: BERT then skips the padding on CUDA too; on CPU
+    it always does).
 
     ``backend`` picks the attention and CRF kernels: ``"auto"`` (Triton on CUDA, the native C++ kernels on CPU, else
     the PyTorch reference), ``"triton"``, ``"native"`` or ``"reference"``; a run-time choice, not part of the saved
@@ -127,7 +129,8 @@ class TPMMI(nn.Module):
         if self.images is not None:
             prefix = self.images(batch["pixel_values"], batch["image_post"], batch["image_slot"], batch["image_mask"])
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        hidden = prompted_bert(self.bert, ids, mask, prefix, self.config.shift_positions, self.backend)  # (B, n, d_t)
+        shift, index = self.config.shift_positions, batch.get("token_index")  # index: skip padding on CUDA too
+        hidden = prompted_bert(self.bert, ids, mask, prefix, shift, self.backend, token_index=index)  # (B, n, d_t)
         return self.emissions(self.dropout(hidden))  # shape: (B, n, num_tags)
 
     def forward(self, batch: dict, decode: bool = False) -> Tensor | tuple[Tensor, Tensor]:
