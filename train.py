@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     lengths = [len(e["input_ids"]) for e in train_data.encoded]
     images = [0 if image_mode == "text" else min(len(p.images), MAX_IMAGES if image_mode == "multi" else 1)
               for p in train_data.posts]  # fmt: skip
-    bucket, why_bucket = choose_bucketing(args.bucket, padding_share(model, lengths, images, args.batch_size))
+    share = padding_share(model, lengths, images, args.batch_size, packed=device.type == "cpu")  # CPU: BERT packs
+    bucket, why_bucket = choose_bucketing(args.bucket, share)
     say(f"batches: {'length-bucketed' if bucket else 'random'} ({why_bucket})")
     train_loader = loader(train_data, args.batch_size, shuffle=True, bucket=bucket)
     dev_loader = loader(split_data("val"), args.eval_batch_size)

@@ -65,3 +65,13 @@ def test_padding_share_counts_the_padded_pieces():
     assert padding_share(model, lengths, images, batch_size=5, seed=7) == pytest.approx(1 - real / padded)
     text = TPMMI(make_config(image_mode="text"), backend="reference")
     assert padding_share(text, lengths, images, 5, seed=7) > padding_share(model, lengths, images, 5, seed=7) > 0
+    # packed BERT: padding costs only the attention of the padded (B, n) grid
+    bc, layers = text.bert.config, text.bert.config.num_hidden_layers
+    real = extra = 0.0
+    for start in range(0, 23, 5):
+        n = torch.tensor([lengths[i] for i in order[start : start + 5]])
+        real += posts_flops(text, n, 0)
+        extra += 3 * layers * 4 * bc.hidden_size * float(len(n) * n.max() ** 2 - (n**2).sum())
+    packed = padding_share(text, lengths, images, 5, seed=7, packed=True)
+    assert packed == pytest.approx(extra / (real + extra))
+    assert 0 < packed < padding_share(text, lengths, images, 5, seed=7)

@@ -4,7 +4,7 @@ Importing has no side effects (no CUDA calls, no downloads, no files written, no
 transformers until :func:`apply_to_bert` or :func:`register_hf_attention` is called).
 """
 
-from tpm_fast.layers import CRF, ImagePrefix, apply_to_bert, prompted_bert, register_hf_attention
+from tpm_fast.layers import CRF, ImagePrefix, apply_to_bert, pack_index, prompted_bert, register_hf_attention
 from tpm_fast.model import TPMMI, TPMConfig, build_model, load_model, save_model
 from tpm_fast.ops.crf import crf_log_likelihood, crf_viterbi
 from tpm_fast.ops.prefix_attention import key_bounds, prefix_attention
@@ -23,6 +23,7 @@ __all__ = [
     "crf_viterbi",
     "key_bounds",
     "load_model",
+    "pack_index",
     "prefix_attention",
     "prompted_bert",
     "register_hf_attention",

@@ -74,23 +74,35 @@ def posts_flops(model, lengths: torch.Tensor, images: int) -> float:
     return 3.0 * fwd + 2.0 * patch_projection
 
 
-def padding_share(model, lengths: Sequence[int], images: Sequence[int], batch_size: int, seed: int = 0) -> float:
+def padding_share(
+    model, lengths: Sequence[int], images: Sequence[int], batch_size: int, seed: int = 0, packed: bool = False
+) -> float:
     """Share of an epoch's model FLOPs that padding would add with random batches (each padded to its longest post).
 
     Args:
         model: a TPMMI (configs only).
         lengths, images: word pieces and present images of each training post.
         batch_size: posts per batch; ``seed`` seeds the one random epoch order that is measured.
+        packed: BERT skips the padding (``prompted_bert``'s packing, the default on CPU): then padding costs only
+            the attention over the padded (B, n) grid (its scores and weighted sum), not the projections or the FFN.
 
     Returns:
         padded FLOPs / all FLOPs, in [0, 1).
     """
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed))  # shape: (N,)
     pieces, counts = torch.as_tensor(lengths)[order], torch.as_tensor(images)[order]
+    bc = model.bert.config
+    m = 0 if model.images is None else model.images.slots
     real = padded = 0.0
     for batch, n_images in zip(pieces.split(batch_size), counts.split(batch_size)):
-        real += posts_flops(model, batch, int(n_images.sum()))
-        padded += posts_flops(model, batch.max().expand_as(batch), int(n_images.sum()))
+        flops = posts_flops(model, batch, int(n_images.sum()))
+        real += flops
+        if packed:  # forward x 3 of the attention's 4 d_t FLOPs per (query, key) pair, padded minus real pairs
+            n = batch.double()  # shape: (b,)
+            pairs = n.numel() * float(n.max() * (n.max() + m)) - float((n * (n + m)).sum())
+            padded += flops + 3.0 * bc.num_hidden_layers * 4 * bc.hidden_size * pairs
+        else:
+            padded += posts_flops(model, batch.max().expand_as(batch), int(n_images.sum()))
     return 1.0 - real / padded
 
 

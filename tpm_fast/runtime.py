@@ -105,7 +105,8 @@ def choose_bucketing(requested: str, padding_share: float) -> tuple[bool, str]:
     on the embedded corpus (where padding takes 11 % of the FLOPs) it widened the seed-to-seed spread of dev F1 and
     lowered its mean by ~2 points (``bench/README.md``). ``auto`` therefore buckets only where random batches would
     spend at least a quarter of the step's model FLOPs on padding (``tpm_fast.flops.padding_share``): text-only
-    steps such as BERT-CRF on tweets (~40 %), not steps dominated by ViT on the images (5-11 %).
+    steps such as BERT-CRF on tweets on a GPU (~40 %), not steps dominated by ViT on the images (5-11 %), nor CPU
+    steps, where BERT skips the padding (``prompted_bert``'s packing) and padding costs only attention FLOPs.
     """
     if requested != "auto":
         return requested == "on", "asked for"

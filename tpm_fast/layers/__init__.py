@@ -4,6 +4,6 @@ from tpm_fast.layers.crf import CRF
 from tpm_fast.layers.hf_attention import apply_to_bert
 from tpm_fast.layers.hf_attention import register as register_hf_attention
 from tpm_fast.layers.image_prefix import ImagePrefix
-from tpm_fast.layers.prompted_bert import prompted_bert
+from tpm_fast.layers.prompted_bert import pack_index, prompted_bert
 
-__all__ = ["CRF", "ImagePrefix", "apply_to_bert", "prompted_bert", "register_hf_attention"]
+__all__ = ["CRF", "ImagePrefix", "apply_to_bert", "pack_index", "prompted_bert", "register_hf_attention"]
