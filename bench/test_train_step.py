@@ -39,12 +39,14 @@ default (same code paths, seconds instead of minutes).
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import itertools
 import os
 import time
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -52,11 +54,13 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, ViTConfig
 
+import tpm_fast.model as tpm_model
 from bench import authors_recipe
 from tpm_fast.data.bucketing import LengthBucketSampler
 from tpm_fast.data.dataset import collate
 from tpm_fast.engine import optimizer_and_schedule, to_device
 from tpm_fast.flops import padding_share, peak_flops, step_flops
+from tpm_fast.layers.prompted_bert import prompted_bert
 from tpm_fast.model import TINY_BERT, TINY_VIT, TPMConfig, build_model
 from tpm_fast.ops.backend import interpreting, triton_available
 from tpm_fast.plain_engine import PlainEngine
@@ -221,9 +225,11 @@ def gpu_busy_share(step) -> float:
 
 def triton_path_ops(model, step) -> tuple[int, int, int]:
     """(aten kernel ops, Triton launches, host syncs) of one step of ``model`` on the Triton backend with its launches
-    stubbed: the GPU path's launch count, measured on the CPU. The step's results are garbage (run it last)."""
+    stubbed: the GPU path's launch count, measured on the CPU. The step's results are garbage (run it last). BERT
+    computes the padding, as on CUDA by default (CPU tensors would make it skip it)."""
     model.backend = "triton"
-    with count_triton_launches(stub=True) as launches:
+    padded = functools.partial(prompted_bert, pack=False)
+    with count_triton_launches(stub=True) as launches, mock.patch.object(tpm_model, "prompted_bert", padded):
         ops, _, syncs = count_kernel_ops(step)
     return ops, sum(launches.values()), sum(syncs.values())
 
@@ -254,7 +260,8 @@ def test_train_step(bench, benchmark, bench_device, request, mode, b, provider):
     precision = "bf16" if provider == "bf16" else "fp32"
     if provider == "defaults":  # train.py's choices for this device, model and data
         counts = images.tolist() if mode == "multi" else [0] * len(lengths)
-        bucket, _ = choose_bucketing("auto", padding_share(_flops_model(None, mode, bert, vit), lengths, counts, b))
+        share = padding_share(_flops_model(None, mode, bert, vit), lengths, counts, b, packed=device.type == "cpu")
+        bucket, _ = choose_bucketing("auto", share)
         precision, _ = choose_precision("auto", device, bert.hidden_size)
     batches = epoch_batches(lengths, b, bucket)
     rounds = 1 if smoke else ROUNDS[(mode, b)]
