@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TWITTER2015 = ROOT.parent / "shared" / "data" / "twitter2015"
 # Small but learning (the fixture run finds entities, so score checks can fail); 20 pieces truncate some posts.
 SMALL = "--epochs 2 --batch-size 4 --lr 3e-3 --head-lr 3e-3 --eval-batch-size 16 --max-seq-length 20 --no-progress"
-SMALL = [*SMALL.split(), "--workers", "0"]
+SMALL = [*SMALL.split(), "--image-threads", "0"]
 
 
 def run(*args: str, launcher: tuple[str, ...] = (sys.executable,), timeout: int = 600) -> str:
