@@ -192,7 +192,17 @@ def load_tokenizer(args: argparse.Namespace, data_dir: Path):
     return BertTokenizer(vocab=str(vocab), do_lower_case=True)
 
 
-def image_source(name, spec, device, threads, cache_dir, posts, rank, progress, say) -> ImageSource | None:
+def image_source(
+    name: str,
+    spec: ImageSpec,
+    device: torch.device,
+    threads: int,
+    cache_dir: str | None,
+    posts: dict[str, list],
+    rank: int,
+    progress: bool,
+    say,
+) -> ImageSource | None:
     """The image source ``name`` (from ``choose_image_loader``); for the cache, rank 0 first builds what the
     cache lacks of ``posts``' images (all splits) while the other ranks wait."""
     if name == "pil":

@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 from tpm_fast.data.feed import PILImages, stack_uint8
 from tpm_fast.data.images import ImageEvent, ImageLoader, ImageSpec
+from tpm_fast.data.readers import SPLITS, load_split
+from tpm_fast.data.synthetic import ensure_synthetic_corpus
 
 FORMAT = 1
 CHUNK = 256  # images decoded between two index writes
@@ -172,8 +174,6 @@ class CachedImages:
 
 def dataset_images(data_dir: Path, dataset: str, image_dir=None, twitter2017_image_dir=None) -> list[Path]:
     """Every image path of the train, val and test splits (up to 4 per post)."""
-    from tpm_fast.data.readers import SPLITS, load_split
-
     return [
         path
         for split in SPLITS
@@ -200,8 +200,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.data_dir:
         data_dir, dataset = Path(args.data_dir), args.dataset
     else:
-        from tpm_fast.data.synthetic import ensure_synthetic_corpus
-
         data_dir, dataset = ensure_synthetic_corpus(), "synthetic"
     spec = ImageSpec.from_pretrained(args.vit_model) if args.vit_model else ImageSpec(args.size or 224)
     paths = dataset_images(data_dir, dataset, args.image_dir, args.twitter2017_image_dir)

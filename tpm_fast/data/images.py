@@ -31,6 +31,10 @@ DRAFT_KEEP = 4
 """Reduced-scale JPEG decoding keeps at least this multiple of the output size: at 2x, detailed photographs
 differed from HF's full decode by 0.033 in mean normalized pixel (ImageNet std), at 4x by 0.002."""
 
+REDUCING_GAP = 2.0
+"""Downscales by more than this factor first shrink by an integer box filter (PIL's ``reducing_gap``): JPEG images
+~25 % faster; on photographs 0.007 mean normalized difference from HF's resize (with ``DRAFT_KEEP``)."""
+
 JPEG_SOI = b"\xff\xd8"
 JPEG_EOI = b"\xff\xd9"
 
@@ -240,7 +244,8 @@ class ImageLoader:
     size x size, then :func:`normalize`); equal up to float rounding, except that JPEGs at least 8x the output size
     in both sides are decoded at a reduced DCT scale (``Image.draft``, keeping at least 4x the output size) before
     the resize, which is faster and bounds memory for huge photos (see ``DRAFT_KEEP``; turn it off with
-    ``draft=False``). Images beyond PIL's decompression-bomb limit are undecodable. The loader keeps no state
+    ``draft=False``), and large downscales start with an integer box reduction (``REDUCING_GAP``). Images beyond
+    PIL's decompression-bomb limit are undecodable. The loader keeps no state
     besides its settings: calls from several threads are safe (PIL releases the GIL while decoding).
 
     Args:
@@ -305,7 +310,7 @@ class ImageLoader:
             im.load()
             converted = im.mode != "RGB"
             rgb = _to_rgb(im)
-        rgb = rgb.resize((s, s), Image.Resampling.BILINEAR)
+        rgb = rgb.resize((s, s), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
         return np.array(rgb, dtype=np.uint8), converted  # shape: (S, S, 3)
 
 
