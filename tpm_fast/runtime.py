@@ -59,10 +59,10 @@ def choose_image_loader(
         return requested, "--image-loader"
     if device.type == "cuda" and not problem:
         return "dali", "auto: DALI is installed and a GPU is present"
-    why = problem or "no GPU"
+    why = "DALI not installed" if problem else "no GPU for DALI"
     if cache_dir:
-        return "cache", f"auto: --image-cache given; DALI not used ({why})"
-    return "pil", f"auto: no --image-cache; DALI not used ({why})"
+        return "cache", f"auto: --image-cache given; {why}"
+    return "pil", f"auto: no --image-cache; {why}"
 
 
 def choose_image_threads(requested: int | None, image_mode: str, device: torch.device) -> tuple[int, str]:
