@@ -79,7 +79,7 @@ def choose_image_threads(requested: int | None, image_mode: str, device: torch.d
     if device.type == "cuda":
         return max(1, min(8, per_rank - 1)), f"{per_rank} cores per rank"
     if per_rank < 2:
-        return 0, "one core per rank: images decoded between steps"
+        return 0, "one core per rank: no decoding thread beside the feed's"
     return 1, f"{per_rank} cores per rank: one decodes images"
 
 
