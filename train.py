@@ -12,7 +12,8 @@ the test set.
 Defaults are the fastest correct configuration for the machine, chosen and printed in the first lines: on one rank
 the DeepSpeed engine is bypassed (``--zero-stage off``: ZeRO has nothing to partition), several ranks get a ZeRO
 stage by model size; bf16 (fp32 master weights) where the hardware has bf16; length-bucketed batches where padding
-would cost a quarter of the FLOPs; fused AdamW; threads and DataLoader workers that never oversubscribe the cores.
+would cost a quarter of the FLOPs; fused AdamW; image and compute threads that never oversubscribe the cores; the
+image loader (DALI on a GPU, else the decoded-image cache given ``--image-cache``, else PIL's thread pool).
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ import deepspeed
 import numpy as np
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoTokenizer, BertTokenizer
 
+from tpm_fast.data.cache import CachedImages, ImageCache
+from tpm_fast.data.dali import DaliImages
 from tpm_fast.data.dataset import MNERDataset
-from tpm_fast.data.images import MAX_IMAGES, ImageLoader, ImageSpec, ImageStats
+from tpm_fast.data.feed import ImageFeed, ImageSource, PILImages
+from tpm_fast.data.images import MAX_IMAGES, ImageSpec, ImageStats
 from tpm_fast.data.readers import load_split
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
 from tpm_fast.engine import (
@@ -47,7 +50,6 @@ from tpm_fast.engine import (
     make_loader,
     optimizer_and_schedule,
     set_epoch,
-    to_device,
 )
 from tpm_fast.flops import padding_share, peak_flops, step_flops
 from tpm_fast.info import summary as backend_summary
@@ -57,11 +59,13 @@ from tpm_fast.ops.backend import BACKENDS
 from tpm_fast.plain_engine import PlainEngine, checkpoint_engine
 from tpm_fast.runtime import (
     BUCKETING,
+    IMAGE_LOADERS,
     PRECISIONS,
     ZERO_STAGES,
     choose_bucketing,
+    choose_image_loader,
+    choose_image_threads,
     choose_precision,
-    choose_workers,
     choose_zero_stage,
     configure_threads,
 )
@@ -84,6 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--twitter2017-image-dir", help="TWITTER-2017 images of MNER-UNI (default DATA/twitter2017_images)")
     g.add_argument("--limit", type=int, help="use only the first N posts of each split (quick trials)")
     g.add_argument("--max-seq-length", type=int, default=128, help="word pieces per post, with [CLS] and [SEP]")
+    g.add_argument(
+        "--image-loader",
+        default="auto",
+        choices=IMAGE_LOADERS,
+        help="auto: DALI when installed and a GPU is present, else the cache given --image-cache, else PIL threads",
+    )
+    g.add_argument("--image-cache", help="decoded-image cache folder: built (or completed) on first use, then read")
+    g.add_argument("--image-threads", type=int, help="image decoding threads per rank (default: chosen for the cores)")
     g = p.add_argument_group("model")
     g.add_argument("--bert-model", help="local BERT folder (e.g. bert-base-uncased); default: tiny BERT from scratch")
     g.add_argument("--vit-model", help="local ViT folder (e.g. vit-base-patch16-224); default: tiny ViT from scratch")
@@ -123,7 +135,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "it and the model is large enough to gain",
     )
     g.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="same as --precision bf16")
-    g.add_argument("--workers", type=int, help="DataLoader worker processes (default: 1 per rank with images on CPU)")
     g.add_argument(
         "--bucket",
         default="auto",
@@ -146,9 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint OUTPUT/best_model.pt")
-    for name in ("epochs", "batch_size", "eval_batch_size", "max_seq_length", "limit", "workers"):
-        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "workers" else 1):
-            p.error(f"--{name.replace('_', '-')} must be at least {0 if name == 'workers' else 1}")
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_seq_length", "limit", "image_threads"):
+        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "image_threads" else 1):
+            p.error(f"--{name.replace('_', '-')} must be at least {0 if name == 'image_threads' else 1}")
     return args
 
 
@@ -181,6 +192,34 @@ def load_tokenizer(args: argparse.Namespace, data_dir: Path):
     return BertTokenizer(vocab=str(vocab), do_lower_case=True)
 
 
+def image_source(
+    name: str,
+    spec: ImageSpec,
+    device: torch.device,
+    threads: int,
+    cache_dir: str | None,
+    posts: dict[str, list],
+    rank: int,
+    progress: bool,
+    say,
+) -> ImageSource | None:
+    """The image source ``name`` (from ``choose_image_loader``); for the cache, rank 0 first builds what the
+    cache lacks of ``posts``' images (all splits) while the other ranks wait."""
+    if name == "pil":
+        return PILImages(spec, threads)
+    if name == "dali":
+        return DaliImages(spec, device, threads)
+    if name == "none":
+        return None
+    if rank == 0:
+        cache = ImageCache(cache_dir, spec.size)
+        start = time.perf_counter()
+        added = cache.build([path for split in posts.values() for p in split for path in p.images], threads, progress)
+        say(f"image cache {cache_dir}: {len(cache)} files, {added} decoded now ({time.perf_counter() - start:.0f} s)")
+    deepspeed.comm.barrier()
+    return CachedImages(ImageCache(cache_dir, spec.size), spec)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     random.seed(args.seed)
@@ -211,30 +250,38 @@ def main(argv: list[str] | None = None) -> None:
         image_mode = model.config.image_mode
     else:
         tokenizer = load_tokenizer(args, data_dir)
-        spec = ImageSpec.from_pretrained(args.vit_model) if args.vit_model else ImageSpec()
+        try:
+            spec = ImageSpec.from_pretrained(args.vit_model) if args.vit_model else ImageSpec()
+        except ValueError as e:
+            raise SystemExit(f"--vit-model: {e}") from None
         max_len, image_mode = args.max_seq_length, args.image_mode
     image_dir = Path(args.image_dir) if args.image_dir else data_dir / "images"
     if image_mode != "text" and not image_dir.is_dir():
         say(f"warning: image folder {image_dir} does not exist: every image slot stays empty (see --image-dir)")
-    workers, why_workers = choose_workers(args.workers, image_mode, device)
-    threads, why_threads = configure_threads(workers, device)
-    say(f"loader: {workers} worker(s) ({why_workers}); {threads} compute thread(s) per rank ({why_threads})")
+    try:
+        image_loader, why_loader = choose_image_loader(args.image_loader, image_mode, device, args.image_cache)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    image_threads, why_image_threads = choose_image_threads(args.image_threads, image_mode, device)
+    threads, why_threads = configure_threads(image_threads, device)
+    say(f"images: {image_loader} ({why_loader}); {image_threads} image thread(s) ({why_image_threads}); "
+        f"{threads} compute thread(s) per rank ({why_threads})")  # fmt: skip
+    source = image_source(image_loader, spec, device, image_threads, args.image_cache, posts, rank, progress, say)
 
     def split_data(split: str) -> MNERDataset:
-        data = MNERDataset(posts[split], tokenizer, max_len, ImageLoader(spec), image_mode)
+        data = MNERDataset(posts[split], tokenizer, max_len, image_mode)
         if data.truncated:
             say(f"warning: {data.truncated} {split} posts longer than {max_len} word pieces: their last words are "
                 "cut off (scored as O)")  # fmt: skip
         return data
 
-    def loader(data: MNERDataset, batch_size: int, shuffle: bool = False, bucket: bool = False) -> DataLoader:
-        return make_loader(data, batch_size, shuffle, args.seed, rank, world, workers, bucket=bucket)
+    def loader(data: MNERDataset, batch_size: int, shuffle=False, bucket=False, dtype=torch.float32) -> ImageFeed:
+        batches = make_loader(data, batch_size, shuffle, args.seed, rank, world, bucket=bucket)
+        return ImageFeed(batches, source, device, dtype, stats)
 
     if args.eval_only:
         for split in ("val", "test"):  # the exported fp32 weights, as the training run scored its test set
-            scores = evaluate(
-                model, loader(split_data(split), args.eval_batch_size), device, stats=stats, progress=progress
-            )
+            scores = evaluate(model, loader(split_data(split), args.eval_batch_size), progress=progress)
             say(f"{split}: {format_scores(scores)}")
         say(stats.summary())
         deepspeed.comm.destroy_process_group()
@@ -254,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     model.backend = args.backend
     if max_len > model.max_pieces:
         raise SystemExit(f"--max-seq-length {max_len} does not fit BERT's positions: use at most {model.max_pieces}")
+    if image_mode != "text" and spec.size != model.config.vit["image_size"]:
+        raise SystemExit(
+            f"the image processor resizes to {spec.size} px but the ViT takes {model.config.vit['image_size']}"
+        )
     n_params = sum(p.numel() for p in model.parameters())
     precision, why_precision = choose_precision(args.precision, device, model.bert.config.hidden_size)
     stage, why_stage = choose_zero_stage(args.zero_stage, world, n_params, device, precision)
@@ -270,15 +321,16 @@ def main(argv: list[str] | None = None) -> None:
     share = padding_share(model, lengths, images, args.batch_size, packed=device.type == "cpu")  # CPU: BERT packs
     bucket, why_bucket = choose_bucketing(args.bucket, share)
     say(f"batches: {'length-bucketed' if bucket else 'random'} ({why_bucket})")
-    train_loader = loader(train_data, args.batch_size, shuffle=True, bucket=bucket)
-    dev_loader = loader(split_data("val"), args.eval_batch_size)
+    bf16 = precision == "bf16"
+    image_dtype = torch.bfloat16 if bf16 else torch.float32  # the compute dtype of pixel_values
+    train_loader = loader(train_data, args.batch_size, shuffle=True, bucket=bucket, dtype=image_dtype)
+    dev_loader = loader(split_data("val"), args.eval_batch_size, dtype=image_dtype)
     lr = args.lr or (5e-5 if pretrained else 1e-3)
     total_steps = args.epochs * len(train_loader)
     optimizer, schedule = optimizer_and_schedule(
         model.to(device), lr, args.head_lr, args.weight_decay, total_steps, args.warmup_ratio, not args.no_fused_adamw
     )
     ds_config = json.loads((ROOT / "configs" / f"zero{1 if stage == 'off' else stage}.json").read_text())
-    bf16 = precision == "bf16"
     if stage == "off":  # bf16 = bf16 weights with fp32 master weights, as DeepSpeed's bf16
         dtype = torch.bfloat16 if bf16 else torch.float32
         engine = PlainEngine(model, optimizer, schedule, ds_config["gradient_clipping"], dtype=dtype)
@@ -288,7 +340,6 @@ def main(argv: list[str] | None = None) -> None:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     if args.compile:  # dynamic shapes: one graph for the varying batch lengths; the CRF stays eager
         model.emission_scores = torch.compile(model.emission_scores, dynamic=True)
-    image_dtype = torch.bfloat16 if bf16 else torch.float32
     peak = peak_flops(device, precision)
     say(
         f"TPM-MI ({image_mode}): {n_params / 1e6:.1f}M parameters, "
@@ -311,25 +362,24 @@ def main(argv: list[str] | None = None) -> None:
         say(f"resumed from {path}: epoch {state['epoch']} done, best dev F1 {state['best_f1'] * 100:.2f}")
 
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
-        set_epoch(train_loader, epoch)
+        set_epoch(train_loader.loader, epoch)
         engine.train()
         start, total_loss, seen, flops, train_gold, train_pred = time.perf_counter(), 0.0, 0, 0.0, [], []
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", disable=not progress)
         for batch in bar:
-            flops += step_flops(model, batch) * world if peak else 0.0  # from the CPU batch: no device sync
+            flops += step_flops(model, batch.host) * world if peak else 0.0  # CPU tensors: no device sync
             if args.train_f1:  # the authors' habit: Viterbi on every training batch (costs a decode and a sync)
-                loss, tags = engine(to_device(batch, device, image_dtype), decode=True)
-                gold = [posts["train"][i].labels for i in batch["index"].tolist()]
-                train_pred += word_tags(tags.cpu(), batch["first_piece"], [len(g) for g in gold], config.labels)
+                loss, tags = engine(batch.tensors, decode=True)
+                gold = [posts["train"][i].labels for i in batch.host["index"].tolist()]
+                train_pred += word_tags(tags.cpu(), batch.host["first_piece"], [len(g) for g in gold], config.labels)
                 train_gold += gold
             else:
-                loss = engine(to_device(batch, device, image_dtype))
+                loss = engine(batch.tensors)
             engine.backward(loss)
             engine.step()
-            stats.merge(ImageStats(**batch["image_events"]))
             state["step"] += 1
             total_loss += loss.detach()  # summed on the device: no host sync per step
-            seen += batch["input_ids"].shape[0] * world
+            seen += batch.host["input_ids"].shape[0] * world
             if state["step"] % POSTFIX_EVERY == 0:  # the progress bar's loss is a host read: not every step
                 elapsed = time.perf_counter() - start
                 rates = {"loss": f"{loss.item():.3f}", "posts_per_s": f"{seen / elapsed:.1f}"}
@@ -337,9 +387,7 @@ def main(argv: list[str] | None = None) -> None:
                     rates["mfu"] = f"{flops / elapsed / (peak * world):.1%}"
                 bar.set_postfix(rates)
         train_time = time.perf_counter() - start
-        dev = evaluate(
-            engine.module, dev_loader, device, image_dtype=image_dtype, stats=stats, desc="dev", progress=progress
-        )
+        dev = evaluate(engine.module, dev_loader, desc="dev", progress=progress)
         better = dev["f1"] > state["best_f1"]
         if better:
             state.update(best_f1=dev["f1"], best_epoch=epoch)
@@ -385,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         model, *_ = load_exported(out / "best_model.pt", device)
         model.backend = args.backend
         test_loader = loader(split_data("test"), args.eval_batch_size)
-        test = evaluate(model, test_loader, device, stats=stats, desc="test", progress=progress)
+        test = evaluate(model, test_loader, desc="test", progress=progress)
         result = {
             "best_epoch": state["best_epoch"],
             "dev_f1": state["best_f1"],

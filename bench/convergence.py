@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "reference": (
-        ["--zero-stage", "1", "--precision", "fp32", "--bucket", "off", "--no-fused-adamw", "--workers", "1"]
+        ["--zero-stage", "1", "--precision", "fp32", "--bucket", "off", "--no-fused-adamw", "--image-threads", "1"]
         + ["--backend", "reference"],
         {"TPM_FAST_THREADS": "2"},
     ),

@@ -38,9 +38,15 @@ tests=(tests/test_prefix_attention.py tests/test_crf.py tests/test_crf_cuda.py t
        tests/test_profiling.py tests/test_flops.py)
 timeout 200 python -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 | tail -40 | tee "$out/gpu_tests.log"
 timeout 150 python -m pytest -q -p no:cacheprovider bench --benchmark-only --benchmark-min-rounds=20 \
-    --benchmark-max-time=0.5 --ignore=bench/test_train_step.py 2>&1 | tail -15 | tee "$out/bench.log"
+    --benchmark-max-time=0.5 --ignore=bench/test_train_step.py --ignore=bench/test_images.py 2>&1 | tail -15 | tee "$out/bench.log"
 timeout 200 python -m pytest -q -p no:cacheprovider bench/test_train_step.py --benchmark-only -k "not compile" \
     2>&1 | tail -30 | tee "$out/train_step.log"
+# images: DALI's mixed (GPU) decoder against HF's processor (fidelity) and the same bad-file events, then images/s
+# of every provider (needs nvidia-dali-cuda130 and scikit-image on the machine; the DALI ones skip, saying so, without)
+timeout 120 python -m pytest -q -p no:cacheprovider tests/test_image_sources.py tests/test_image_fidelity.py \
+    2>&1 | tail -15 | tee "$out/image_tests.log"
+timeout 120 python -m pytest -q -p no:cacheprovider bench/test_images.py --benchmark-only 2>&1 | tail -15 \
+    | tee "$out/images_bench.log"
 for f in bench/results/*.json; do
     cp "$f" "$out/" 2>/dev/null
     python bench/summarize.py "$f" > "$out/$(basename "$f" .json).md"

@@ -50,7 +50,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.bert_model, local_files_only=True)
-    data = {s: MNERDataset(load_split(args.data_dir, args.dataset, s), tokenizer, 128, None, "text") for s in
+    data = {s: MNERDataset(load_split(args.data_dir, args.dataset, s), tokenizer, 128, "text") for s in
             ("train", "val")}  # fmt: skip
     train = make_loader(data["train"], args.batch_size, shuffle=True, seed=args.seed)
     dev = make_loader(data["val"], 64, shuffle=False)
@@ -59,7 +59,8 @@ def main() -> None:
     for epoch in range(1, args.epochs + 1):
         train.sampler.set_epoch(epoch)
         start = time.perf_counter()
-        for batch in train:
+        for posts in train:
+            batch = posts.tensors
             loss = -model.crf(model(batch), batch["labels"], batch["attention_mask"], reduction="mean")
             loss.backward()
             optimizer.step()
@@ -68,7 +69,8 @@ def main() -> None:
         model.eval()
         pred = []
         with torch.no_grad():
-            for batch in dev:
+            for posts in dev:
+                batch = posts.tensors
                 tags = model.crf.decode(model(batch), batch["attention_mask"])
                 padded = torch.tensor([t + [0] * (batch["input_ids"].shape[1] - len(t)) for t in tags])
                 n_words = [len(data["val"].posts[i].words) for i in batch["index"].tolist()]

@@ -15,7 +15,7 @@ from pathlib import Path
 STEP_ORDER = ["authors", "dynamic", "fused", "bucketed", "fused_adamw", "compile", "bf16", "defaults", "plain"]
 STEP_ORDER += ["zero0", "zero1", "zero2", "zero3"]
 BASELINES = {"test_crf": "pytorch-crf", "test_prefix_attention": "hf_eager", "test_encoder_step": "hf_sdpa_cache"}
-BASELINES.update(test_attention_host="sdpa_mask", test_crf_host="pytorch-crf")
+BASELINES.update(test_attention_host="sdpa_mask", test_crf_host="pytorch-crf", test_images="authors")
 
 
 def train_step_tables(results: dict) -> str:

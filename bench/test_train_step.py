@@ -119,7 +119,7 @@ def padded_pieces(lengths: np.ndarray, batches: list[list[int]], pad_to: int | N
 
 
 def make_batch(index: list[int], lengths, images, mode: str, size: int, pad_to: int | None) -> dict:
-    """Collate posts ``index`` as ``tpm_fast.data.dataset.collate`` does (random ids, labels, pixels); with ``pad_to``
+    """Collate posts ``index`` as ``collate`` and the image feed do (random ids, labels, pixels); with ``pad_to``
     also pad to that many pieces and lay the images out as (B, 4, 3, S, S) slots with zero images (the authors')."""
     items = []
     for i in index:
@@ -128,9 +128,18 @@ def make_batch(index: list[int], lengths, images, mode: str, size: int, pad_to: 
         ids = torch.randint(1000, VOCAB, (n,), generator=g).tolist()
         encoded = {"input_ids": [101, *ids[1:-1], 102], "label_ids": torch.randint(0, 10, (n,), generator=g).tolist()}
         encoded["first_piece"] = [True] * n
-        pixels = [torch.randn(3, size, size, generator=g) for _ in range(images[i] if mode == "multi" else 0)]
-        items.append({"encoded": encoded, "images": pixels, "slots": list(range(len(pixels))), "index": i})
-    batch = collate(items, pad_id=0, image_size=size)
+        n_images = images[i] if mode == "multi" else 0
+        items.append({"encoded": encoded, "images": [f"{i}_{k}.jpg" for k in range(n_images)], "index": i})
+    posts = collate(items, pad_id=0)
+    g = torch.Generator().manual_seed(SEED + index[0])
+    image_post = torch.tensor(posts.image_post, dtype=torch.long)  # shape: (N,)
+    image_slot = torch.tensor(posts.image_slot, dtype=torch.long)  # shape: (N,)
+    image_mask = torch.zeros(len(index), 4, dtype=torch.bool)  # shape: (B, 4)
+    image_mask[image_post, image_slot] = True
+    pixels = torch.randn(len(posts.image_paths), 3, size, size, generator=g)  # shape: (N, 3, S, S)
+    batch = dict(
+        posts.tensors, pixel_values=pixels, image_post=image_post, image_slot=image_slot, image_mask=image_mask
+    )
     if pad_to:
         extra = pad_to - batch["input_ids"].shape[1]
         for key in ("input_ids", "attention_mask", "labels", "first_piece"):

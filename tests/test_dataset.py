@@ -14,12 +14,14 @@ from torch.utils.data import DataLoader
 from transformers import BertTokenizer
 
 from tpm_fast.data.dataset import MNERDataset, collate
+from tpm_fast.data.feed import ImageFeed, PILImages, assemble
 from tpm_fast.data.images import MAX_IMAGES, DataWarning, ImageLoader, ImageSpec, ImageStats
 from tpm_fast.data.labels import LABEL2ID, X_ID
 from tpm_fast.data.readers import DataFormatError, Post, read_mner_jsonl
 from tpm_fast.data.text import encode_words
 
 S = 16  # small images keep the tests fast
+CPU = torch.device("cpu")
 
 
 def _tokenizer() -> BertTokenizer:
@@ -80,8 +82,9 @@ def test_bad_input_corpus(tmp_path):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         posts = read_mner_jsonl(good, tmp_path / "images", stats=stats)
-        ds = MNERDataset(posts, _tokenizer(), image_loader=ImageLoader(ImageSpec(size=S), stats=stats))
-        batch = next(iter(DataLoader(ds, batch_size=len(ds), collate_fn=ds.collate_fn)))
+        ds = MNERDataset(posts, _tokenizer())
+        loader = DataLoader(ds, batch_size=len(ds), collate_fn=ds.collate_fn)
+        (batch,) = [b.tensors for b in ImageFeed(loader, PILImages(ImageSpec(size=S), threads=2), CPU, stats=stats)]
     assert [len(p.images) for p in posts] == [3, 2, 4, 0, 2]
     expected_mask = [
         [True, False, True, False],  # repaired, missing, PNG named .jpg
@@ -125,18 +128,18 @@ def test_image_modes(tmp_path, mode):
     n_images = [0, 1, 2, 4, 3, 1]
     broken = {(2, 0), (4, 1), (5, 0)}
     posts = _posts(tmp_path, rng, n_images, broken)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DataWarning)
-        ds = MNERDataset(
-            posts, _tokenizer(), max_seq_length=16, image_loader=ImageLoader(ImageSpec(size=S)), image_mode=mode
-        )
-        items = [ds[i] for i in range(len(ds))]
+    ds = MNERDataset(posts, _tokenizer(), max_seq_length=16, image_mode=mode)
+    items = [ds[i] for i in range(len(ds))]
+    batch = assemble(collate(items, pad_id=0), PILImages(ImageSpec(size=S)), CPU)
     limit = {"text": 0, "first": 1, "multi": MAX_IMAGES}[mode]
+    assert [e.kind for e in batch.events] == [
+        "empty_file" if (i, k) in broken else "ok" for i, n in enumerate(n_images) for k in range(min(n, limit))
+    ]
+    batch = batch.tensors
     mask = torch.zeros(len(posts), MAX_IMAGES, dtype=torch.bool)
     for i, n in enumerate(n_images):
         for k in range(min(n, limit)):
             mask[i, k] = (i, k) not in broken
-    batch = collate(items, pad_id=0, image_size=S)
     assert torch.equal(batch["image_mask"], mask)
     n = int(mask.sum())
     assert batch["pixel_values"].shape == (n, 3, S, S) and batch["pixel_values"].dtype == torch.float32
@@ -145,7 +148,7 @@ def test_image_modes(tmp_path, mode):
     assert batch["image_post"].tolist() == post_major[:, 0].tolist()
     assert batch["image_slot"].tolist() == post_major[:, 1].tolist()
     for j, (i, k) in enumerate(post_major.tolist()):  # each image is the one of its (post, slot)
-        ref = ImageLoader(ImageSpec(size=S)).load(posts[i].images[k])
+        ref, _ = ImageLoader(ImageSpec(size=S)).load(posts[i].images[k])
         assert torch.equal(batch["pixel_values"][j], ref)
     assert batch["index"].tolist() == list(range(len(posts)))
 
@@ -157,7 +160,9 @@ def test_collate_text_fields_and_no_images(tmp_path):
         Post(id="2", words=["york"], labels=None, images=[tmp_path / "nope.jpg"], source="f:2"),
     ]
     ds = MNERDataset(posts, tok, max_seq_length=8, image_mode="text")
-    batch = collate([ds[1], ds[0]], pad_id=tok.pad_token_id, image_size=224)
+    posts_batch = collate([ds[1], ds[0]], pad_id=tok.pad_token_id)
+    assert posts_batch.image_paths == []  # text mode asks for no image
+    batch = assemble(posts_batch, None, CPU).tensors
     assert batch["pixel_values"].shape == (0, 3, 224, 224)
     assert batch["image_post"].shape == batch["image_slot"].shape == (0,)
     assert not batch["image_mask"].any() and batch["image_mask"].shape == (2, MAX_IMAGES)
@@ -173,12 +178,13 @@ def test_collate_text_fields_and_no_images(tmp_path):
     assert ds.encoded[0] == encode_words(posts[0].words, posts[0].labels, tok, 8)
 
 
-def test_default_loader_and_bad_mode():
+def test_items_and_bad_mode(tmp_path):
     tok = _tokenizer()
-    post = Post(id="1", words=["paris"], labels=["B-LOC"], images=[], source="f:1")
+    paths = [tmp_path / f"{k}.jpg" for k in range(6)]
+    post = Post(id="1", words=["paris"], labels=["B-LOC"], images=paths[:4], source="f:1")
     ds = MNERDataset([post], tok)
-    assert ds.image_loader is not None and ds.image_size == 224
-    assert ds[0]["images"] == [] and ds[0]["slots"] == [] and ds[0]["index"] == 0
+    assert ds[0]["images"] == paths[:4] and ds[0]["index"] == 0
+    assert MNERDataset([post], tok, image_mode="first")[0]["images"] == paths[:1]
     with pytest.raises(ValueError, match="unknown image_mode 'all'"):
         MNERDataset([post], tok, image_mode="all")
 

@@ -22,20 +22,20 @@ def dataset() -> MNERDataset:
     for i in range(300):
         words = [rng.choice(WORDS) for _ in range(rng.randint(1, 60))]
         posts.append(Post(str(i), words, ["O"] * len(words), [], f"mem:{i}"))
-    return MNERDataset(posts, tokenizer, 64, None, "text")
+    return MNERDataset(posts, tokenizer, 64, "text")
 
 
 def padded_share(loader) -> float:
     real = padded = 0
     for batch in loader:
-        real += int(batch["attention_mask"].sum())
-        padded += batch["attention_mask"].numel()
+        real += int(batch.tensors["attention_mask"].sum())
+        padded += batch.tensors["attention_mask"].numel()
     return 1 - real / padded
 
 
 def epoch(loader, n: int) -> list[int]:
     set_epoch(loader, n)
-    return [i for batch in loader for i in batch["index"].tolist()]
+    return [i for batch in loader for i in batch.tensors["index"].tolist()]
 
 
 def test_bucketed_batches_pad_less_and_cover_every_post(dataset):

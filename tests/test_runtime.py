@@ -44,14 +44,14 @@ def test_bf16_asked_for_on_a_cpu_without_it_says_so(monkeypatch):
 
 
 @pytest.mark.parametrize("cores,ranks,mode,workers", [(2, 1, "multi", 1), (2, 1, "text", 0), (2, 2, "multi", 0)])
-def test_workers_and_threads_never_oversubscribe(monkeypatch, cores, ranks, mode, workers):
+def test_image_threads_and_compute_threads_never_oversubscribe(monkeypatch, cores, ranks, mode, workers):
     monkeypatch.setattr(runtime, "cpu_cores", lambda: cores)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("TPM_FAST_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
-        chosen, _ = runtime.choose_workers(None, mode, CPU)
+        chosen, _ = runtime.choose_image_threads(None, mode, CPU)
         threads, _ = runtime.configure_threads(chosen, CPU)
         assert chosen == workers
         assert threads == torch.get_num_threads() >= 1
@@ -64,7 +64,7 @@ def test_user_thread_settings_win(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("TPM_FAST_THREADS", raising=False)
     assert runtime.configure_threads(0, CPU) == (torch.get_num_threads(), "OMP_NUM_THREADS")
-    assert runtime.choose_workers(3, "multi", CPU) == (3, "--workers")
+    assert runtime.choose_image_threads(3, "multi", CPU) == (3, "--image-threads")
 
 
 def test_native_bf16_answers_without_error():
@@ -80,3 +80,37 @@ def test_bucketing_auto_only_where_padding_costs_a_quarter(share, expected):
 @pytest.mark.parametrize("requested", ["on", "off"])
 def test_bucketing_asked_for_is_kept(requested):
     assert runtime.choose_bucketing(requested, 0.11 if requested == "on" else 0.9) == (requested == "on", "asked for")
+
+
+@pytest.mark.parametrize(
+    "requested,mode,cuda,dali,cache,expected",
+    [
+        ("auto", "multi", True, True, None, "dali"),
+        ("auto", "multi", True, False, "c", "cache"),
+        ("auto", "multi", False, True, "c", "cache"),
+        ("auto", "multi", False, True, None, "pil"),
+        ("auto", "text", True, True, "c", "none"),
+        ("pil", "first", True, True, "c", "pil"),
+        ("cache", "multi", False, False, "c", "cache"),
+        ("dali", "multi", False, True, None, "dali"),
+    ],
+)
+def test_choose_image_loader(monkeypatch, requested, mode, cuda, dali, cache, expected):
+    from tpm_fast.data import dali as dali_module
+
+    monkeypatch.setattr(dali_module, "dali_unavailable", lambda: None if dali else "nvidia-dali is not installed")
+    device = torch.device("cuda", 0) if cuda else CPU
+    chosen, why = runtime.choose_image_loader(requested, mode, device, cache)
+    assert chosen == expected and why
+    if requested == "auto" and expected != "none":
+        assert why.startswith("auto")
+
+
+def test_choose_image_loader_refuses(monkeypatch):
+    from tpm_fast.data import dali as dali_module
+
+    monkeypatch.setattr(dali_module, "dali_unavailable", lambda: "nvidia-dali is not installed")
+    with pytest.raises(ValueError, match="--image-loader dali: nvidia-dali is not installed"):
+        runtime.choose_image_loader("dali", "multi", CPU, None)
+    with pytest.raises(ValueError, match="needs --image-cache"):
+        runtime.choose_image_loader("cache", "multi", CPU, None)

@@ -80,6 +80,8 @@ def test_errors(tok):
         encode_words(["a"], ["O"], tok, 2)
     with pytest.raises(ValueError, match="unknown label"):
         encode_words(["a"], ["B-FOO"], tok, 8)
+    with pytest.raises(ValueError, match="unknown label 'B-OTHER'"):  # data spellings are normalized by the readers
+        encode_words(["a"], ["B-OTHER"], tok, 8)
 
 
 def _reference(words, labels, tok, max_len):

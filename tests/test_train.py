@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TWITTER2015 = ROOT.parent / "shared" / "data" / "twitter2015"
 # Small but learning (the fixture run finds entities, so score checks can fail); 20 pieces truncate some posts.
 SMALL = "--epochs 2 --batch-size 4 --lr 3e-3 --head-lr 3e-3 --eval-batch-size 16 --max-seq-length 20 --no-progress"
-SMALL = [*SMALL.split(), "--workers", "0"]
+SMALL = [*SMALL.split(), "--image-threads", "0"]
 
 
 def run(*args: str, launcher: tuple[str, ...] = (sys.executable,), timeout: int = 600) -> str:
@@ -58,6 +58,39 @@ def test_train_writes_log_checkpoints_and_model(trained):
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
     assert (trained / "best_model.pt").exists() and (trained / "tokenizer").is_dir()
     assert sorted(p.name for p in (trained / "checkpoints").glob("epoch*")) == ["epoch1", "epoch2"]
+
+
+def first_epoch(out: Path) -> dict:
+    return next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("epoch") == 1)
+
+
+@pytest.mark.parametrize("loader", ["cache", "dali"])
+def test_image_loaders_train_alike(trained, corpus, tmp_path, loader):
+    """The cache hands out the PIL run's pixels exactly (the same losses and scores); DALI's CPU pipeline decodes with
+    another JPEG decoder: the same image counts."""
+    if loader == "dali":
+        from tpm_fast.data.dali import dali_unavailable
+
+        if problem := dali_unavailable():
+            pytest.skip(problem)
+    cache = ["--image-cache", str(tmp_path / "cache")] if loader == "cache" else []
+    log = run(
+        "train.py",
+        "--data-dir",
+        str(corpus),
+        "--output-dir",
+        str(tmp_path / "out"),
+        *SMALL,
+        "--image-loader",
+        loader,
+        *cache,
+    )  # the fixture's run, with another loader
+    assert log.index(f"images: {loader} (--image-loader") < log.index("epoch 1:")  # said, with why, before training
+    ours, pil = first_epoch(tmp_path / "out"), first_epoch(trained)
+    assert ours["images"] == pil["images"] and ours["images"]["ok"] > 0
+    if loader == "cache":
+        assert "image cache " in log and (tmp_path / "cache" / "pixels.u8").stat().st_size > 0
+        assert (ours["train_loss"], ours["dev_f1"]) == (pil["train_loss"], pil["dev_f1"])
 
 
 def test_resume_continues_from_last_epoch(trained, corpus):

@@ -15,7 +15,8 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from tpm_fast.data.bucketing import LengthBucketSampler
 from tpm_fast.data.dataset import MNERDataset
-from tpm_fast.data.images import ImageSpec, ImageStats
+from tpm_fast.data.feed import ImageFeed
+from tpm_fast.data.images import ImageSpec
 from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.model import TPMMI, load_model, save_model
 
@@ -32,7 +33,9 @@ def make_loader(
     workers: int = 0,
     bucket: bool = False,
 ) -> DataLoader:
-    """A DataLoader with dynamic padding; training loaders shard the data over ranks with a seeded shuffle.
+    """A DataLoader of :class:`~tpm_fast.data.dataset.PostBatch` with dynamic padding (wrap it in an
+    :class:`~tpm_fast.data.feed.ImageFeed` for the images); training loaders shard the data over ranks with a seeded
+    shuffle.
 
     With ``bucket=True`` (training loaders only) batches are length-bucketed
     (:class:`~tpm_fast.data.bucketing.LengthBucketSampler`): posts of similar length share a batch, so batches pad
@@ -97,40 +100,30 @@ def optimizer_and_schedule(
 
 
 @torch.no_grad()
-def predict_tags(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    image_dtype: torch.dtype = torch.float32,
-    stats: ImageStats | None = None,
-    desc: str = "eval",
-    progress: bool = True,
-) -> list[list[str]]:
-    """Viterbi-decode an unshuffled loader of an :class:`MNERDataset`: one tag string per word of each post.
+def predict_tags(model: nn.Module, feed: ImageFeed, desc: str = "eval", progress: bool = True) -> list[list[str]]:
+    """Viterbi-decode an unshuffled feed of an :class:`MNERDataset`: one tag string per word of each post.
 
-    The image events of the batches (repaired, missing, ...) are added to ``stats`` when given.
+    The feed counts the image events of its batches (repaired, missing, ...) in its ``stats``.
     """
     was_training = model.training
     model.eval()
-    posts, pred = loader.dataset.posts, []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        tags, _ = model.decode(to_device(batch, device, image_dtype))
-        if stats is not None:
-            stats.merge(ImageStats(**batch["image_events"]))
-        n_words = [len(posts[i].words) for i in batch["index"].tolist()]
-        pred += word_tags(tags.cpu(), batch["first_piece"], n_words, model.config.labels)
+    posts, pred = feed.dataset.posts, []
+    for batch in tqdm(feed, desc=desc, leave=False, disable=not progress):
+        tags, _ = model.decode(batch.tensors)
+        n_words = [len(posts[i].words) for i in batch.host["index"].tolist()]
+        pred += word_tags(tags.cpu(), batch.host["first_piece"], n_words, model.config.labels)
     model.train(was_training)
     return pred
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, **kwargs) -> dict:
+def evaluate(model: nn.Module, feed: ImageFeed, **kwargs) -> dict:
     """Decode (:func:`predict_tags`, same keyword arguments) and score entities on first pieces.
 
     Returns:
         :func:`tpm_fast.metrics.entity_scores` of the whole set.
     """
-    pred = predict_tags(model, loader, device, **kwargs)
-    return entity_scores([p.labels for p in loader.dataset.posts], pred)
+    pred = predict_tags(model, feed, **kwargs)
+    return entity_scores([p.labels for p in feed.dataset.posts], pred)
 
 
 def export_model(

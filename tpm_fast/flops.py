@@ -41,12 +41,12 @@ def step_flops(model, batch: dict) -> float:
 
     Args:
         model: a :class:`tpm_fast.model.TPMMI` (only its configs are read).
-        batch: ``attention_mask`` (B, n) and, with images, ``pixel_values`` (N, 3, S, S) of the present images.
+        batch: ``attention_mask`` (B, n) and ``image_post`` (N,) of the present images (CPU tensors avoid a sync).
 
     Returns:
         FLOPs as a float (no host sync beyond reading the mask's per-row sums).
     """
-    images = batch["pixel_values"].shape[0] if model.images is not None else 0
+    images = batch["image_post"].shape[0] if model.images is not None else 0
     return posts_flops(model, batch["attention_mask"].sum(1), images)
 
 

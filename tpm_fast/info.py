@@ -59,8 +59,8 @@ def _dali() -> tuple[bool, str]:
         (v for d in ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali") if (v := _version(d))), None
     )
     if version is None or importlib.util.find_spec("nvidia") is None:
-        return False, "not installed: images are decoded with PIL"
-    return True, version
+        return False, 'not installed (pip install -e ".[dali]"): images are decoded with PIL or read from the cache'
+    return True, f"{version}: --image-loader dali (GPU decoding; a CPU pipeline without a GPU)"
 
 
 def _deepspeed() -> tuple[bool, str]:

@@ -69,7 +69,7 @@ class TPMConfig:
 class TPMMI(nn.Module):
     """The TPM-MI tagger. ``forward`` returns the mean negative CRF log-likelihood; ``decode`` the Viterbi tags.
 
-    Batches are the dicts of :func:`tpm_fast.data.dataset.collate`: ``input_ids`` (B, n) long, ``attention_mask``
+    Batches are the ``tensors`` of :class:`tpm_fast.data.feed.Batch`: ``input_ids`` (B, n) long, ``attention_mask``
     (B, n) bool, ``labels`` (B, n) long, ``pixel_values`` (N, 3, S, S) float (present images only),
     ``image_post`` / ``image_slot`` (N,) long, ``image_mask`` (B, m) bool, and optionally ``token_index`` (T,) long
     (:func:`tpm_fast.layers.prompted_bert.pack_index` of the mask: BERT then skips the padding on CUDA too; on CPU

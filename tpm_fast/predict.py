@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from tpm_fast.data.dataset import MNERDataset
-from tpm_fast.data.images import ImageLoader, ImageStats
+from tpm_fast.data.feed import ImageFeed, PILImages
+from tpm_fast.data.images import ImageStats
 from tpm_fast.data.readers import read_mner_jsonl
 from tpm_fast.engine import load_exported, make_loader, predict_tags
 from tpm_fast.metrics import entities
@@ -31,16 +32,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-dir", help="folder the image names are relative to (default: the input's folder)")
     p.add_argument("--twitter2017-image-dir", help="folder of 'twitter2017-*' image names (MNER-UNI posts)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-threads", type=int, default=2, help="image decoding threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
     model, tokenizer, spec, max_seq_length = load_exported(args.checkpoint, args.device)
     image_dir = Path(args.image_dir) if args.image_dir else Path(args.input).parent
     posts = read_mner_jsonl(args.input, image_dir, args.twitter2017_image_dir, labeled=False)
-    dataset = MNERDataset(posts, tokenizer, max_seq_length, ImageLoader(spec), model.config.image_mode)
-    loader = make_loader(dataset, args.batch_size, shuffle=False)
+    dataset = MNERDataset(posts, tokenizer, max_seq_length, model.config.image_mode)
+    source = None if model.config.image_mode == "text" else PILImages(spec, threads=args.image_threads)
     stats = ImageStats()
-    tags = predict_tags(model, loader, torch.device(args.device), stats=stats, desc="predict")
+    feed = ImageFeed(
+        make_loader(dataset, args.batch_size, shuffle=False), source, torch.device(args.device), stats=stats
+    )
+    tags = predict_tags(model, feed, desc="predict")
     lines = [
         json.dumps({"id": post.id, "text": post.words, "entities": entities(post.words, t)}, ensure_ascii=False) + "\n"
         for post, t in zip(posts, tags)

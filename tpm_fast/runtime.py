@@ -1,4 +1,4 @@
-"""The fastest correct run configuration for the machine: threads, DataLoader workers, precision, ZeRO stage.
+"""The fastest correct run configuration for the machine: image loader, threads, precision, ZeRO stage.
 
 Each ``choose_*`` function returns its choice and the reason, which ``train.py`` prints in its first lines. The
 rules come from measurements in ``bench/README.md`` (train-step benchmark, 2-rank scaling).
@@ -14,6 +14,7 @@ import torch
 ZERO_STAGES = ("auto", "off", "0", "1", "2", "3")
 PRECISIONS = ("auto", "fp32", "bf16")
 BUCKETING = ("auto", "on", "off")
+IMAGE_LOADERS = ("auto", "dali", "pil", "cache")
 BUCKET_MIN_SAVING = 0.25  # bucket only where random batches would spend this share of the FLOPs on padding
 MODEL_STATE_BYTES = 16
 """fp32 weights + gradients + AdamW's two moments: bytes of model state per parameter without ZeRO."""
@@ -32,38 +33,71 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
 
-def choose_workers(requested: int | None, image_mode: str, device: torch.device) -> tuple[int, str]:
-    """DataLoader worker processes: images are decoded in workers, text needs none.
+def choose_image_loader(
+    requested: str, image_mode: str, device: torch.device, cache_dir: str | None
+) -> tuple[str, str]:
+    """The image source: ``"dali"``, ``"cache"``, ``"pil"`` or ``"none"`` (text only).
 
-    On CPU a worker takes a core from the model, so one worker per rank (the decode of ~3 images per post keeps
-    up with a CPU step); on CUDA up to 4 per rank, bounded by the rank's cores minus the main process.
+    ``auto``: DALI where it is installed and a GPU is present, else the cache when ``--image-cache`` names one,
+    else PIL's thread pool.
+
+    Raises:
+        ValueError: ``dali`` without DALI installed, ``cache`` without a cache folder.
+    """
+    from tpm_fast.data.dali import dali_unavailable
+
+    if image_mode == "text":
+        return "none", "text only: no images"
+    problem = dali_unavailable()
+    if requested == "dali":
+        if problem:
+            raise ValueError(f"--image-loader dali: {problem}")
+        return "dali", "--image-loader" + ("" if device.type == "cuda" else "; no GPU: DALI's CPU pipeline")
+    if requested == "cache" and not cache_dir:
+        raise ValueError("--image-loader cache needs --image-cache DIR")
+    if requested in ("cache", "pil"):
+        return requested, "--image-loader"
+    if device.type == "cuda" and not problem:
+        return "dali", "auto: DALI is installed and a GPU is present"
+    why = "DALI not installed" if problem else "no GPU for DALI"
+    if cache_dir:
+        return "cache", f"auto: --image-cache given; {why}"
+    return "pil", f"auto: no --image-cache; {why}"
+
+
+def choose_image_threads(requested: int | None, image_mode: str, device: torch.device) -> tuple[int, str]:
+    """Image decoding threads per rank (PIL's thread pool, DALI's CPU threads, the cache build).
+
+    They run beside the step, so on CPU they take cores from the model: one per rank (the decode of ~3 images per
+    post keeps up with a CPU step); on CUDA up to 8 per rank, bounded by the rank's cores minus the main thread.
     """
     if requested is not None:
-        return requested, "--workers"
+        return requested, "--image-threads"
     if image_mode == "text":
         return 0, "text only: nothing to decode"
     per_rank = max(1, cpu_cores() // local_world_size())
     if device.type == "cuda":
-        return max(1, min(4, per_rank - 1)), f"{per_rank} cores per rank"
+        return max(1, min(8, per_rank - 1)), f"{per_rank} cores per rank"
     if per_rank < 2:
-        return 0, "one core per rank: decoding in the main process"
+        return 0, "one core per rank: no decoding thread beside the feed's"
     return 1, f"{per_rank} cores per rank: one decodes images"
 
 
-def configure_threads(workers: int, device: torch.device) -> tuple[int, str]:
-    """Set torch's intra-op threads so that threads x processes never exceed the cores (on CPU).
+def configure_threads(image_threads: int, device: torch.device) -> tuple[int, str]:
+    """Set torch's intra-op threads so that compute and image threads never exceed the cores (on CPU).
 
-    Each rank gets ``cores // local ranks`` cores; its DataLoader workers run one thread each (PyTorch sets that in
-    every worker), so the main process takes what is left. Oversubscribed OpenMP threads spin waiting for a
+    Each rank gets ``cores // local ranks`` cores; its image-decoding threads take ``image_threads`` of them, the
+    model the rest. Oversubscribed OpenMP threads spin waiting for a
     descheduled sibling and made whole epochs 5-10x slower on a 2-core machine. ``OMP_NUM_THREADS`` set by the user
     wins.
     """
     if "OMP_NUM_THREADS" in os.environ and "TPM_FAST_THREADS" not in os.environ:
         return torch.get_num_threads(), "OMP_NUM_THREADS"
     per_rank = max(1, cpu_cores() // local_world_size())
-    threads = int(os.environ.get("TPM_FAST_THREADS", 0)) or max(1, per_rank - (workers if device.type == "cpu" else 0))
+    reserved = image_threads if device.type == "cpu" else 0
+    threads = int(os.environ.get("TPM_FAST_THREADS", 0)) or max(1, per_rank - reserved)
     torch.set_num_threads(threads)
-    return threads, f"{per_rank} cores per rank, {workers} worker(s)"
+    return threads, f"{per_rank} cores per rank, {image_threads} image thread(s)"
 
 
 def native_bf16(device: torch.device) -> bool:

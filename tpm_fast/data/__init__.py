@@ -1,17 +1,31 @@
-"""Data: readers (MNER-MI JSON lines, TWITTER CoNLL), word-piece alignment, images, dataset, synthetic corpus."""
+"""Data: readers (MNER-MI JSON lines, TWITTER CoNLL), word-piece alignment, images (PIL, the decoded-image cache in
+``tpm_fast.data.cache``, DALI in ``tpm_fast.data.dali``), dataset, the image feed, synthetic corpus."""
 
-from tpm_fast.data.dataset import IMAGE_MODES, MNERDataset, collate
-from tpm_fast.data.images import MAX_IMAGES, DataWarning, ImageLoader, ImageSpec, ImageStats, repair_truncated_jpeg
+from tpm_fast.data.dataset import IMAGE_MODES, MNERDataset, PostBatch, collate
+from tpm_fast.data.feed import Batch, ImageFeed, PILImages
+from tpm_fast.data.images import (
+    MAX_IMAGES,
+    DataWarning,
+    ImageEvent,
+    ImageLoader,
+    ImageSpec,
+    ImageStats,
+    normalize,
+    repair_truncated_jpeg,
+)
 from tpm_fast.data.labels import ENTITY_TYPES, LABEL2ID, LABELS, X_LABEL, normalize_label
 from tpm_fast.data.readers import DataFormatError, Post, load_split, read_conll, read_mner_jsonl
 from tpm_fast.data.synthetic import default_cache_dir, ensure_synthetic_corpus
 from tpm_fast.data.text import encode_words, pad_text
 
 __all__ = [
+    "Batch",
     "DataFormatError",
     "DataWarning",
     "ENTITY_TYPES",
     "IMAGE_MODES",
+    "ImageEvent",
+    "ImageFeed",
     "ImageLoader",
     "ImageSpec",
     "ImageStats",
@@ -19,13 +33,16 @@ __all__ = [
     "LABELS",
     "MAX_IMAGES",
     "MNERDataset",
+    "PILImages",
     "Post",
+    "PostBatch",
     "X_LABEL",
     "collate",
     "default_cache_dir",
     "encode_words",
     "ensure_synthetic_corpus",
     "load_split",
+    "normalize",
     "normalize_label",
     "pad_text",
     "read_conll",

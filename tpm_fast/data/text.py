@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from tpm_fast.data.labels import LABEL2ID, PAD_LABEL_ID, X_ID, normalize_label
+from tpm_fast.data.labels import LABEL2ID, PAD_LABEL_ID, X_ID, X_LABEL
 
 
 def _label_id(tag: str) -> int:
-    if tag in LABEL2ID:
-        return LABEL2ID[tag]
-    return LABEL2ID[normalize_label(tag)]
+    if tag == X_LABEL or tag not in LABEL2ID:
+        raise ValueError(f"unknown label {tag!r}: labels are the internal names the readers normalize to")
+    return LABEL2ID[tag]
 
 
 def encode_words(words: list[str], labels: list[str] | None, tokenizer, max_seq_length: int) -> dict:
@@ -26,7 +26,7 @@ def encode_words(words: list[str], labels: list[str] | None, tokenizer, max_seq_
 
     Args:
         words: the words of one post.
-        labels: one tag per word (internal or data spelling), or None (then every position gets X).
+        labels: one internal tag name per word (as the readers normalize them), or None (every position gets X).
         tokenizer: a HF *fast* tokenizer (``word_ids()`` needed), e.g. ``BertTokenizer`` in transformers 5.
         max_seq_length: maximum number of pieces including special tokens; words past it are truncated.
 
