@@ -137,3 +137,26 @@ def test_bf16_needs_a_fresh_optimizer():
     optimizer.step()
     with pytest.raises(ValueError, match="fresh optimizer"):
         PlainEngine(model, optimizer, schedule, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype,clip", [(torch.float32, 1.0), (torch.float32, 0.0), (torch.bfloat16, 1.0)])
+def test_nonfinite_gradients_skip_the_step(dtype, clip):
+    """A NaN or inf gradient: step() returns False, drops the gradients and changes no weight, optimizer state or
+    schedule; the next finite step is applied."""
+    model, optimizer, schedule = setup()
+    engine = PlainEngine(model, optimizer, schedule, gradient_clipping=clip, dtype=dtype)
+    x = batches(1)[0].to(dtype)
+    engine.backward(loss_of(model, x).float())
+    assert engine.step()
+    before = copy.deepcopy((engine.fp32_state_dict(), optimizer.state_dict(), schedule.state_dict()))
+    for bad in (float("nan"), float("inf")):
+        engine.backward(loss_of(model, x).float() * bad)
+        assert not engine.step()
+        assert all(p.grad is None for p in model.parameters())
+        weights, opt_state, sched_state = engine.fp32_state_dict(), optimizer.state_dict(), schedule.state_dict()
+        assert all(torch.equal(weights[k], v) for k, v in before[0].items())
+        for i, s in before[1]["state"].items():
+            assert all(torch.equal(opt_state["state"][i][k], v) for k, v in s.items())
+        assert sched_state == before[2]
+    engine.backward(loss_of(model, x).float())
+    assert engine.step() and schedule.state_dict()["last_epoch"] == before[2]["last_epoch"] + 1

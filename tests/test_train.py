@@ -29,7 +29,7 @@ def run(*args: str, launcher: tuple[str, ...] = (sys.executable,), timeout: int 
 
 def epochs_logged(out: Path) -> list[int]:
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["epoch"] for r in lines if "epoch" in r]
+    return [r["epoch"] for r in lines if "dev_f1" in r]
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +50,23 @@ def trained(corpus, tmp_path_factory) -> Path:
 
 def test_train_writes_log_checkpoints_and_model(trained):
     assert epochs_logged(trained) == [1, 2]
-    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()][:2]
+    records = [r for r in map(json.loads, (trained / "metrics.jsonl").read_text().splitlines()) if "dev_f1" in r]
     assert all(r["train_posts_per_s"] > 0 and "mfu" not in r for r in records)  # MFU only where the GPU peak is known
     result = json.loads((trained / "results.json").read_text())
     assert 0.0 < result["test_f1"] <= 1.0 and result["best_epoch"] in (1, 2)
     weights = torch.load(trained / "best_model.pt", weights_only=True)["state_dict"]
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
     assert (trained / "best_model.pt").exists() and (trained / "tokenizer").is_dir()
-    assert sorted(p.name for p in (trained / "checkpoints").glob("epoch*")) == ["epoch1", "epoch2"]
+    assert sorted(p.name for p in (trained / "checkpoints").glob("step*")) == ["step24", "step48"]  # epoch ends
 
 
 def test_resume_continues_from_last_epoch(trained, corpus):
     log = run("train.py", "--data-dir", str(corpus), "--output-dir", str(trained), *SMALL, "--epochs", "3", "--resume")
     assert "resumed from" in log and "epoch 2 done" in log
     assert epochs_logged(trained) == [1, 2, 3]  # epochs 1-2 were not trained again
-    assert sorted(p.name for p in (trained / "checkpoints").glob("epoch*")) == ["epoch2", "epoch3"]  # keep 2
+    kept = sorted(p.name for p in (trained / "checkpoints").glob("step*"))
+    best = json.loads((trained / "results.json").read_text())["best_epoch"]
+    assert kept == sorted({"step48", "step72", f"step{24 * best}"})  # the last 2, and best_model.pt's source
 
 
 def test_resume_with_the_other_engine_fails_clearly(trained, corpus):
@@ -152,7 +154,7 @@ def test_triton_backend_and_train_f1(corpus, tmp_path):
     log = run("train.py", "--data-dir", str(corpus), "--output-dir", str(tmp_path), *SMALL, "--epochs", "1",
               "--limit", "16", "--backend", "triton", "--train-f1")  # fmt: skip
     assert "train F1" in log and "test P=" in log
-    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    record = next(r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "dev_f1" in r)
     assert 0.0 <= record["train_f1"] <= 1.0
 
 

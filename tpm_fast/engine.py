@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+import random
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler, SequentialSampler
 from tqdm import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -20,6 +25,45 @@ from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.model import TPMMI, load_model, save_model
 
 ENCODER_PREFIXES = ("bert.", "images.vit.")
+
+
+class ResumableBatches(Sampler[list[int]]):
+    """A batch sampler whose epoch can start part-way through its order (resuming a checkpoint exactly).
+
+    Args:
+        batches: the batch sampler giving the epoch's order (a function of its seed and epoch only).
+    """
+
+    def __init__(self, batches: Sampler[list[int]]) -> None:
+        self.batches = batches
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Seed the order for ``epoch`` (the inner batch sampler's, or its sampler's); iterations start at its batch
+        ``skip`` (the ones before it were trained before a resume). An iteration may be started more than once
+        (a DataLoader with workers starts one to build its iterator, and another for the epoch)."""
+        order = self.batches if hasattr(self.batches, "set_epoch") else getattr(self.batches, "sampler", None)
+        if hasattr(order, "set_epoch"):
+            order.set_epoch(epoch)
+        self.skip = skip
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batches), self.skip, None)
+
+
+def seed_worker(seed: int, worker_id: int) -> None:
+    """``worker_init_fn``: seed a DataLoader worker's Python, numpy and torch generators from (run seed, worker id).
+
+    A worker's generators are then the same in a resumed process as in the original one, and the main process's
+    generators (dropout) are not drawn from when workers start.
+    """
+    state = np.random.SeedSequence([seed, worker_id]).generate_state(1)[0]
+    random.seed(int(state))
+    np.random.seed(int(state))
+    torch.manual_seed(int(state))
 
 
 def make_loader(
@@ -36,29 +80,62 @@ def make_loader(
 
     With ``bucket=True`` (training loaders only) batches are length-bucketed
     (:class:`~tpm_fast.data.bucketing.LengthBucketSampler`): posts of similar length share a batch, so batches pad
-    little; the batch order is random, seeded by ``seed`` and the epoch (:func:`set_epoch`).
+    little; the batch order is random, seeded by ``seed`` and the epoch (:func:`set_epoch`). Training loaders'
+    batch samplers are :class:`ResumableBatches`. The loader draws its workers' base seed from its own generator
+    (seeded by ``seed``) and :func:`seed_worker` seeds each worker, so iterating never advances the process's
+    generators: a run's dropout draws are the same whether or not it was resumed.
     """
-    order: dict = {"sampler": None, "batch_size": batch_size}
     if shuffle and bucket:
         lengths = [len(e["input_ids"]) for e in dataset.encoded]
-        order = {"batch_sampler": LengthBucketSampler(lengths, batch_size, world, rank, seed)}
+        batches = ResumableBatches(LengthBucketSampler(lengths, batch_size, world, rank, seed))
     elif shuffle:
-        order["sampler"] = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+        batches = ResumableBatches(BatchSampler(sampler, batch_size, drop_last=False))
+    else:
+        batches = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
     return DataLoader(
         dataset,
-        **order,
+        batch_sampler=batches,
         num_workers=workers,
         collate_fn=dataset.collate_fn,
         persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=partial(seed_worker, seed * 1000 + rank) if workers else None,
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Seed a training loader's order for ``epoch`` (its sampler or batch sampler, whichever shuffles)."""
-    for order in (loader.batch_sampler, loader.sampler):
-        if hasattr(order, "set_epoch"):
-            order.set_epoch(epoch)
-            return
+def set_epoch(loader: DataLoader, epoch: int, skip: int = 0) -> None:
+    """Seed a training loader's order for ``epoch``; its next iteration starts at batch ``skip`` of that order."""
+    loader.batch_sampler.set_epoch(epoch, skip)
+
+
+def guarded_step(engine, loss: torch.Tensor) -> tuple[float, bool]:
+    """Backward and optimizer step, unless the loss or the gradients are not finite (NaN or inf).
+
+    Args:
+        engine: ``PlainEngine`` (its ``step`` returns False on non-finite gradients) or a DeepSpeed engine (its ZeRO
+            1/2 optimizer skips non-finite gradients and counts them in ``skipped_steps``).
+        loss: the batch's loss (read on the host: one sync per step; with several ranks, a non-finite loss on any
+            rank skips the step on all of them).
+
+    Returns:
+        (the loss as a float, whether the step was applied). A skipped step changes no weight, optimizer state or
+        schedule: a non-finite loss skips the backward too.
+    """
+    value = float(loss.detach())
+    finite = math.isfinite(value)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:  # every rank skips, or none
+        flag = torch.tensor([float(finite)], device=loss.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = bool(flag.item())
+    if not finite:
+        return value, False
+    engine.backward(loss)
+    skipped = getattr(engine, "skipped_steps", 0)
+    applied = engine.step()
+    if applied is None:  # a DeepSpeed engine
+        applied = engine.skipped_steps == skipped
+    return value, applied
 
 
 def to_device(batch: dict, device: torch.device, image_dtype: torch.dtype = torch.float32) -> dict:
@@ -158,6 +235,13 @@ def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one JSON record as a line (the per-epoch metrics log)."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def step_record(state, epoch: int, loss: float, applied: bool, lrs: list[float]) -> dict:
+    """The ``metrics.jsonl`` record of one training step (``state``: the run's :class:`~tpm_fast.checkpoint.TrainState`
+    after the step): step, epoch, loss (None when not finite), learning rates, and ``skipped`` for a skipped step."""
+    record = {"step": state.step, "epoch": epoch, "loss": loss if math.isfinite(loss) else None, "lr": lrs}
+    return record if applied else dict(record, skipped=True)
 
 
 def format_scores(scores: dict) -> str:
