@@ -5,9 +5,11 @@
     python train.py --eval-only --checkpoint runs/default/best_model.pt
     deepspeed --num_gpus 2 train.py         # two ranks (two CPU processes without a GPU)
 
-Each epoch: train, decode the dev set, append metrics to OUTPUT/metrics.jsonl, export OUTPUT/best_model.pt when the
-dev F1 improves, write a checkpoint (``--resume`` continues from the newest). At the end the best model is scored on
-the test set.
+Each step appends its loss to OUTPUT/metrics.jsonl; every ``--save-every`` steps and at each epoch end an atomic
+checkpoint is written (OUTPUT/checkpoints/step<N>: weights, optimizer, schedule, generator states, position in the
+epoch's data order, best dev state); each epoch decodes the dev set, appends its metrics and exports
+OUTPUT/best_model.pt from the checkpoint when the dev F1 improves. ``--resume`` continues from the newest complete
+checkpoint exactly as the run would have gone on. At the end the best model is scored on the test set.
 
 Defaults are the fastest correct configuration for the machine, chosen and printed in the first lines: on one rank
 the DeepSpeed engine is bypassed (``--zero-stage off``: ZeRO has nothing to partition), several ranks get a ZeRO
