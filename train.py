@@ -362,6 +362,7 @@ def run(args: argparse.Namespace) -> None:
     if rank == 0:
         checkpoint.clear_staging(ckpt_dir)
     barrier()
+    stop = checkpoint.StopRequest()
     if rng is not None:  # last: setting up the resumed run drew from the generators
         checkpoint.set_rng_state(rng)
 
@@ -399,8 +400,12 @@ def run(args: argparse.Namespace) -> None:
                     f"-{state.step}, --max-bad-steps {args.max_bad_steps}); the last checkpoint, {newest}, is intact: "
                     "--resume from it with a lower --lr, or check the data of these steps"
                 )
-            if args.save_every and state.step % args.save_every == 0 and state.batch < len(train_loader):
+            stopping = stop.agreed()  # SIGTERM on any rank: checkpoint this step, then exit
+            if stopping or args.save_every and state.step % args.save_every == 0 and state.batch < len(train_loader):
                 save(state)
+            if stopping:
+                say(f"SIGTERM: checkpoint {ckpt_dir / tag_of(state.step)} written; --resume continues from it")
+                raise SystemExit(143)
             if state.step % POSTFIX_EVERY == 0:
                 elapsed = time.perf_counter() - start
                 rates = {"loss": f"{value:.3f}", "posts_per_s": f"{seen / elapsed:.1f}"}

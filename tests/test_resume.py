@@ -73,6 +73,24 @@ def kill_after(out: Path, corpus: Path, step: int, *extra: str) -> None:
     proc.stderr.close()
 
 
+def test_sigterm_checkpoints_the_step_and_exits(corpus, reference, tmp_path):
+    """SIGTERM mid-run: the run writes a checkpoint of the step it is at and exits with 143; --resume then ends as
+    the uninterrupted run."""
+    cmd = [sys.executable, "train.py", "--data-dir", str(corpus), "--output-dir", str(tmp_path), *RUN, "--workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 300
+    while not log.is_file() or len(log.read_text().splitlines()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-5000:]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate()[0]
+    assert proc.returncode == 143, output[-5000:]
+    last = records(tmp_path)[-1]["step"]
+    assert 2 <= last < 24 and checkpoint.newest_complete(tmp_path / "checkpoints").name == f"step{last}"
+    train(tmp_path, corpus, "--workers", "1", "--resume")
+    assert_same_run(tmp_path, reference)
+
+
 def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

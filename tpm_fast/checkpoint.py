@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,32 @@ class TrainState:
     train_pred: list = dataclasses.field(default_factory=list)
     images: dict = dataclasses.field(default_factory=dict)
     metrics_bytes: int = 0
+
+
+class StopRequest:
+    """Catches SIGTERM (a scheduler's preemption, ``kill``): the run is to checkpoint after its current step and exit.
+
+    Args:
+        signals: the signals to catch.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+        self.requested = False
+        for sig in signals:
+            signal.signal(sig, self._catch)
+
+    def _catch(self, signum: int, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True when any rank was asked to stop (an all-reduce with several ranks, so that all stop at one step)."""
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            flag = torch.tensor([float(self.requested)])
+            if torch.distributed.get_backend() == "nccl":
+                flag = flag.cuda()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            return bool(flag.item())
+        return self.requested
 
 
 def rng_state() -> dict:
