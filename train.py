@@ -38,7 +38,7 @@ from tpm_fast import checkpoint
 from tpm_fast.checkpoint import TrainState, checkpoint_weights, exported_step, finished, resume_folder, tag_of
 from tpm_fast.data.dataset import MNERDataset
 from tpm_fast.data.images import MAX_IMAGES, ImageLoader, ImageSpec, ImageStats
-from tpm_fast.data.readers import load_split
+from tpm_fast.data.readers import DataFormatError, load_split
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
 from tpm_fast.engine import (
     append_jsonl,
@@ -156,10 +156,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eval-only", action="store_true", help="score --checkpoint on the dev and test sets")
     g.add_argument("--checkpoint", help="an exported best_model.pt (for --eval-only)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--debug", action="store_true", help="show the traceback of data errors (else one line)")
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = p.parse_args(argv)
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint OUTPUT/best_model.pt")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        p.error(f"--checkpoint {args.checkpoint}: no such file (an exported best_model.pt)")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        p.error(f"--data-dir {args.data_dir}: no such folder")
+    for flag, folder in (("--bert-model", args.bert_model), ("--vit-model", args.vit_model)):
+        if folder and not (Path(folder) / "config.json").is_file():
+            p.error(f"{flag} {folder}: not a model folder (no config.json; pass a folder written by save_pretrained)")
     at_least = dict.fromkeys(("epochs", "batch_size", "eval_batch_size", "max_seq_length", "limit"), 1)
     at_least.update(workers=0, save_every=0, keep_checkpoints=1, max_bad_steps=1)
     for name, low in at_least.items():
@@ -201,6 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         run(args)
+    except (DataFormatError, FileNotFoundError) as e:  # bad input: one line naming the file (and line)
+        if args.debug:
+            raise
+        raise SystemExit(f"error: {e} (--debug shows the traceback)") from None
     finally:  # also after an error: else the process occasionally aborts at exit
         if deepspeed.comm.is_initialized():
             deepspeed.comm.destroy_process_group()

@@ -158,12 +158,32 @@ def test_triton_backend_and_train_f1(corpus, tmp_path):
     assert 0.0 <= record["train_f1"] <= 1.0
 
 
+def fails(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return proc
+
+
 def test_bad_options_fail_early(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", "--batch-size", "0"], cwd=ROOT, capture_output=True, text=True)
+    proc = fails("--batch-size", "0")
     assert proc.returncode == 2 and "--batch-size must be at least 1" in proc.stderr
-    proc = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True)  # fmt: skip
-    assert proc.returncode != 0 and "MNER-MI_train.txt" in proc.stderr
+    proc = fails("--bert-model", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "not a model folder" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_data_errors_are_one_line_naming_the_file(tmp_path, corpus):
+    proc = fails("--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"))
+    assert proc.returncode == 1 and "MNER-MI_train.txt" in proc.stderr and "Traceback" not in proc.stderr
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    with open(data / "MNER-MI_val.txt", "a") as f:
+        f.write("{not json\n")
+    proc = fails("--data-dir", str(data), "--output-dir", str(tmp_path / "out"))
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(error) == 1 and f"{data / 'MNER-MI_val.txt'}:25: invalid JSON" in error[0]
+    proc = fails("--data-dir", str(data), "--output-dir", str(tmp_path / "out"), "--debug")
+    assert "Traceback" in proc.stderr and "DataFormatError" in proc.stderr
 
 
 @pytest.mark.skipif(not TWITTER2015.is_dir(), reason=f"{TWITTER2015} not present")
