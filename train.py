@@ -41,11 +41,11 @@ from tpm_fast.data.images import MAX_IMAGES, ImageLoader, ImageSpec, ImageStats
 from tpm_fast.data.readers import DataFormatError, load_split
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
 from tpm_fast.engine import (
+    GuardedSteps,
     append_jsonl,
     evaluate,
     export_model,
     format_scores,
-    guarded_step,
     load_exported,
     make_loader,
     optimizer_and_schedule,
@@ -105,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=15)
-    g.add_argument("--batch-size", type=int, default=16, help="posts per rank and step")
+    g.add_argument("--batch-size", type=int, default=16, help="posts per rank and micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--eval-batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, help="BERT/ViT learning rate (default 5e-5 pretrained, 1e-3 tiny)")
     g.add_argument("--head-lr", type=float, default=1e-3, help="prefix, temporal, emission and CRF learning rate")
@@ -168,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, folder in (("--bert-model", args.bert_model), ("--vit-model", args.vit_model)):
         if folder and not (Path(folder) / "config.json").is_file():
             p.error(f"{flag} {folder}: not a model folder (no config.json; pass a folder written by save_pretrained)")
-    at_least = dict.fromkeys(("epochs", "batch_size", "eval_batch_size", "max_seq_length", "limit"), 1)
+    at_least = dict.fromkeys(("epochs", "batch_size", "grad_accum", "eval_batch_size", "max_seq_length", "limit"), 1)
     at_least.update(workers=0, save_every=0, keep_checkpoints=1, max_bad_steps=1)
     for name, low in at_least.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
@@ -315,7 +316,10 @@ def run(args: argparse.Namespace) -> None:
     train_loader = loader(train_data, args.batch_size, shuffle=True, bucket=bucket)
     dev_loader = loader(split_data("val"), args.eval_batch_size)
     lr = args.lr or (5e-5 if pretrained else 1e-3)
-    total_steps = args.epochs * len(train_loader)
+    if args.grad_accum > 1 and stage in ("0", "3"):
+        raise SystemExit(f"--grad-accum {args.grad_accum} under ZeRO-{stage}: DeepSpeed could not skip a non-finite "
+                         "step there; use --zero-stage 1 or 2 (or off on one rank)")  # fmt: skip
+    total_steps = args.epochs * -(-len(train_loader) // args.grad_accum)  # optimizer steps, not micro-batches
     optimizer, schedule = optimizer_and_schedule(
         model.to(device), lr, args.head_lr, args.weight_decay, total_steps, args.warmup_ratio, not args.no_fused_adamw
     )
@@ -326,6 +330,7 @@ def run(args: argparse.Namespace) -> None:
         engine = PlainEngine(model, optimizer, schedule, ds_config["gradient_clipping"], dtype=dtype)
     else:
         ds_config["train_micro_batch_size_per_gpu"] = args.batch_size
+        ds_config["gradient_accumulation_steps"] = args.grad_accum
         ds_config["bf16"] = {"enabled": bf16}
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     if args.compile:  # dynamic shapes: one graph for the varying batch lengths; the CRF stays eager
@@ -374,7 +379,7 @@ def run(args: argparse.Namespace) -> None:
     if rank == 0:
         checkpoint.clear_staging(ckpt_dir)
     barrier()
-    stop = checkpoint.StopRequest()
+    stop, steps = checkpoint.StopRequest(), GuardedSteps(engine, args.grad_accum)
     if rng is not None:  # last: setting up the resumed run drew from the generators
         checkpoint.set_rng_state(rng)
 
@@ -384,6 +389,10 @@ def run(args: argparse.Namespace) -> None:
         start, seen, flops = time.perf_counter(), 0, 0.0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", disable=not progress, initial=state.batch)
         for batch in bar:
+            first = state.batch // args.grad_accum * args.grad_accum  # the step's first micro-batch in the epoch
+            size = min(args.grad_accum, len(train_loader) - first)  # the epoch's last step may take fewer
+            boundary = state.batch + 1 == first + size
+            steps.begin(boundary)
             flops += step_flops(model, batch) * world if peak else 0.0  # from the CPU batch: no device sync
             if args.train_f1:  # the authors' habit: Viterbi on every training batch (costs a decode and a sync)
                 loss, tags = engine(to_device(batch, device, image_dtype), decode=True)
@@ -392,10 +401,14 @@ def run(args: argparse.Namespace) -> None:
                 state.train_gold += gold
             else:
                 loss = engine(to_device(batch, device, image_dtype))
-            value, applied = guarded_step(engine, loss)
+            done = steps.backward(loss, size, boundary)
             stats.merge(ImageStats(**batch["image_events"]))
-            state.step, state.batch = state.step + 1, state.batch + 1
+            state.batch += 1
             seen += batch["input_ids"].shape[0] * world
+            if done is None:  # inside an accumulation: checkpoints and records are per optimizer step
+                continue
+            value, applied = done
+            state.step += 1
             if applied:
                 state.bad_steps, state.epoch_steps = 0, state.epoch_steps + 1
                 state.epoch_loss += value

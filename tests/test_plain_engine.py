@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from tpm_fast import plain_engine
+from tpm_fast.engine import GuardedSteps
 from tpm_fast.plain_engine import CHECKPOINT_FILE, PlainEngine
 
 
@@ -160,3 +161,22 @@ def test_nonfinite_gradients_skip_the_step(dtype, clip):
         assert sched_state == before[2]
     engine.backward(loss_of(model, x).float())
     assert engine.step() and schedule.state_dict()["last_epoch"] == before[2]["last_epoch"] + 1
+
+
+def test_accumulated_micro_batches_step_as_one_batch():
+    """GuardedSteps with 2 micro-batches of 4: the update of one batch of 8 (mean loss); a NaN in the second
+    micro-batch skips the whole step."""
+    data = torch.cat(batches(2))
+    one = PlainEngine(*setup(), gradient_clipping=0.5)
+    assert GuardedSteps(one).backward(loss_of(one.module, data), 1, True)[1]
+    two = PlainEngine(*setup(), gradient_clipping=0.5)
+    steps = GuardedSteps(two, accumulation=2)
+    assert steps.backward(loss_of(two.module, data[:4]), 2, False) is None
+    mean, applied = steps.backward(loss_of(two.module, data[4:]), 2, True)
+    assert applied and mean == pytest.approx(loss_of(setup()[0], data).item(), rel=1e-6)
+    for p, q in zip(one.module.parameters(), two.module.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in two.module.parameters()]
+    assert steps.backward(loss_of(two.module, data[:4]), 2, False) is None
+    mean, applied = steps.backward(loss_of(two.module, data[4:]) * float("nan"), 2, True)
+    assert not applied and all(torch.equal(p, q) for p, q in zip(two.module.parameters(), before))

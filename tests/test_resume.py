@@ -159,6 +159,19 @@ def test_zero_checkpoints_resume_exactly(corpus, tmp_path, stage):
     assert_same_run(out, ref)
 
 
+def test_gradient_accumulation_steps_the_schedule_per_optimizer_step_and_resumes_exactly(corpus, tmp_path):
+    """--grad-accum 2: 6 optimizer steps an epoch (12 micro-batches), the schedule's linear decay reaches 0 at the
+    run's last optimizer step; killed after the checkpoint of step 10 (mid-epoch 2), resumed, the same run."""
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    train(ref, corpus, "--workers", "0", "--grad-accum", "2")
+    steps = [r for r in records(ref) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13)) and steps[-1]["lr"] == [0.0, 0.0]
+    assert [r["step"] for r in records(ref) if "dev_f1" in r] == [6, 12]
+    kill_after(out, corpus, 7, "--workers", "0", "--grad-accum", "2")
+    train(out, corpus, "--workers", "0", "--grad-accum", "2", "--resume")
+    assert_same_run(out, ref)
+
+
 def test_resuming_a_finished_run_does_nothing(reference, corpus):
     before = (reference / "metrics.jsonl").read_text(), (reference / "results.json").read_text()
     proc = train(reference, corpus, "--workers", "0", "--resume")

@@ -23,6 +23,7 @@ from tpm_fast.data.dataset import MNERDataset
 from tpm_fast.data.images import ImageSpec, ImageStats
 from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.model import TPMMI, load_model, save_model
+from tpm_fast.plain_engine import PlainEngine
 
 ENCODER_PREFIXES = ("bert.", "images.vit.")
 
@@ -109,33 +110,72 @@ def set_epoch(loader: DataLoader, epoch: int, skip: int = 0) -> None:
     loader.batch_sampler.set_epoch(epoch, skip)
 
 
-def guarded_step(engine, loss: torch.Tensor) -> tuple[float, bool]:
-    """Backward and optimizer step, unless the loss or the gradients are not finite (NaN or inf).
+class GuardedSteps:
+    """Backward on each micro-batch and an optimizer step every ``accumulation`` of them (the last step of an epoch
+    may take fewer), skipping steps whose loss or gradients are not finite (NaN or inf).
+
+    A skipped step changes no weight, optimizer state or schedule. Without accumulation a non-finite loss skips the
+    backward too (with several ranks, a non-finite loss on any rank skips the step on all of them), and non-finite
+    gradients are caught by ``PlainEngine.step`` (which returns False) or by DeepSpeed's ZeRO-1/2 optimizer (counted
+    in its ``skipped_steps``). With accumulation every micro-batch is backpropagated (the ranks' collectives stay in
+    step) and a non-finite loss reaches the gradients, where those two checks skip the step; DeepSpeed's
+    ZeRO-0/3 have no such check, so ``train.py`` refuses accumulation there. One host read of the loss per
+    micro-batch.
 
     Args:
-        engine: ``PlainEngine`` (its ``step`` returns False on non-finite gradients) or a DeepSpeed engine (its ZeRO
-            1/2 optimizer skips non-finite gradients and counts them in ``skipped_steps``).
-        loss: the batch's loss (read on the host: one sync per step; with several ranks, a non-finite loss on any
-            rank skips the step on all of them).
-
-    Returns:
-        (the loss as a float, whether the step was applied). A skipped step changes no weight, optimizer state or
-        schedule: a non-finite loss skips the backward too.
+        engine: ``PlainEngine`` or a DeepSpeed engine (whose gradient accumulation boundaries are set here).
+        accumulation: micro-batches per optimizer step.
     """
-    value = float(loss.detach())
-    finite = math.isfinite(value)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:  # every rank skips, or none
-        flag = torch.tensor([float(finite)], device=loss.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        finite = bool(flag.item())
-    if not finite:
-        return value, False
-    engine.backward(loss)
-    skipped = getattr(engine, "skipped_steps", 0)
-    applied = engine.step()
-    if applied is None:  # a DeepSpeed engine
-        applied = engine.skipped_steps == skipped
-    return value, applied
+
+    def __init__(self, engine, accumulation: int = 1) -> None:
+        self.engine = engine
+        self.accumulation = accumulation
+        self.deepspeed = not isinstance(engine, PlainEngine)
+        self.losses: list[float] = []
+
+    def begin(self, boundary: bool) -> None:
+        """Call before a micro-batch's forward; ``boundary``: the micro-batch ends an optimizer step."""
+        if self.accumulation > 1 and self.deepspeed:
+            self.engine.set_gradient_accumulation_boundary(boundary)
+
+    def backward(self, loss: torch.Tensor, size: int, boundary: bool) -> tuple[float, bool] | None:
+        """Backpropagate one micro-batch's loss (divided by ``size``, the micro-batches of its step); at a
+        ``boundary``, step the optimizer.
+
+        Returns:
+            None inside an accumulation; at a boundary (the step's mean micro-batch loss, whether it was applied).
+        """
+        value = float(loss.detach())
+        self.losses.append(value)
+        if self.accumulation == 1:
+            applied = self._step_unless_nonfinite(loss, value)
+        else:
+            scaled = loss / size if size > 1 else loss
+            if self.deepspeed:
+                self.engine.backward(scaled, scale_wrt_gas=False)
+            else:
+                self.engine.backward(scaled)
+            if not boundary:
+                return None
+            applied = self._step() and all(math.isfinite(v) for v in self.losses)
+        mean, self.losses = sum(self.losses) / len(self.losses), []
+        return mean, applied
+
+    def _step_unless_nonfinite(self, loss: torch.Tensor, value: float) -> bool:
+        finite = math.isfinite(value)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:  # all ranks skip, or none
+            flag = torch.tensor([float(finite)], device=loss.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = bool(flag.item())
+        if not finite:
+            return False
+        self.engine.backward(loss)
+        return self._step()
+
+    def _step(self) -> bool:
+        skipped = getattr(self.engine, "skipped_steps", 0)
+        applied = self.engine.step()
+        return self.engine.skipped_steps == skipped if self.deepspeed else applied
 
 
 def to_device(batch: dict, device: torch.device, image_dtype: torch.dtype = torch.float32) -> dict:
