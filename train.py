@@ -374,8 +374,8 @@ def run(args: argparse.Namespace) -> None:
             checkpoint.cut_log(metrics, state.metrics_bytes)  # records logged after the checkpoint come again
             if state.best_step and exported_step(out / "best_model.pt") != state.best_step:
                 export_best(state)  # the run stopped between the checkpoint and its export
-        say(f"resumed from {folder}: step {state.step}, epoch {state.epoch} done + {state.batch} batches, best dev F1 "
-            f"{state.best_f1 * 100:.2f}")  # fmt: skip
+        best = f"best dev F1 {state.best_f1 * 100:.2f} (epoch {state.best_epoch})" if state.best_step else "no dev yet"
+        say(f"resumed from {folder}: step {state.step}, epoch {state.epoch} done + {state.batch} batches; {best}")
     if rank == 0:
         checkpoint.clear_staging(ckpt_dir)
     barrier()
