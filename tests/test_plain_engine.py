@@ -180,3 +180,11 @@ def test_accumulated_micro_batches_step_as_one_batch():
     assert steps.backward(loss_of(two.module, data[:4]), 2, False) is None
     mean, applied = steps.backward(loss_of(two.module, data[4:]) * float("nan"), 2, True)
     assert not applied and all(torch.equal(p, q) for p, q in zip(two.module.parameters(), before))
+
+
+def test_without_the_nonfinite_check_every_step_is_applied():
+    """skip_nonfinite=False (a step free of host reads): a NaN gradient reaches the weights."""
+    model, optimizer, schedule = setup()
+    engine = PlainEngine(model, optimizer, schedule, skip_nonfinite=False)
+    engine.backward(loss_of(model, batches(1)[0]) * float("nan"))
+    assert engine.step() and all(p.isnan().all() for p in model.parameters())

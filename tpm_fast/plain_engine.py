@@ -33,6 +33,8 @@ class PlainEngine:
         gradient_clipping: max global L2 norm of the gradients before each step (0 = no clipping).
         dtype: ``torch.bfloat16`` to convert ``model`` to bf16 and keep fp32 master weights (``optimizer`` must be
             fresh: its parameter groups are pointed at the masters); ``torch.float32`` to train as is.
+        skip_nonfinite: skip a step whose gradient norm is NaN or inf (one host read of the norm per step); False:
+            every step is applied and a step never reads the device.
     """
 
     def __init__(
@@ -42,8 +44,10 @@ class PlainEngine:
         lr_scheduler=None,
         gradient_clipping: float = 0.0,
         dtype: torch.dtype = torch.float32,
+        skip_nonfinite: bool = True,
     ) -> None:
         self.module = model
+        self.skip_nonfinite = skip_nonfinite
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.gradient_clipping = gradient_clipping
@@ -78,17 +82,18 @@ class PlainEngine:
         then copied back into the bf16 weights.
 
         Returns:
-            False when the gradients' norm is not finite (NaN or inf): the step is skipped, the gradients dropped,
-            and weights, optimizer state and schedule are left as they were (one host read of the norm per step).
+            False when ``skip_nonfinite`` and the gradients' norm is not finite (NaN or inf): the step is skipped, the
+            gradients dropped, and weights, optimizer state and schedule are left as they were.
         """
         if self.masters is not None:
             applied = self._master_step()
         else:
+            norm = None
             if self.gradient_clipping > 0:
                 norm = torch.nn.utils.clip_grad_norm_(self.params, self.gradient_clipping, foreach=True)
-            else:
+            elif self.skip_nonfinite:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None], foreach=True)
-            applied = bool(torch.isfinite(norm))
+            applied = not self.skip_nonfinite or bool(torch.isfinite(norm))
             if applied:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -105,9 +110,9 @@ class PlainEngine:
         used = [i for i, p in enumerate(self.params) if p.grad is not None]
         grads = [self.params[i].grad for i in used]
         scale = None
-        if grads:
+        if grads and (self.gradient_clipping > 0 or self.skip_nonfinite):
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
-            if not bool(torch.isfinite(norm)):
+            if self.skip_nonfinite and not bool(torch.isfinite(norm)):
                 for p in self.params:
                     p.grad = None
                 return False
