@@ -5,9 +5,11 @@
     python train.py --eval-only --checkpoint runs/default/best_model.pt
     deepspeed --num_gpus 2 train.py         # two ranks (two CPU processes without a GPU)
 
-Each epoch: train, decode the dev set, append metrics to OUTPUT/metrics.jsonl, export OUTPUT/best_model.pt when the
-dev F1 improves, write a checkpoint (``--resume`` continues from the newest). At the end the best model is scored on
-the test set.
+Each step appends its loss to OUTPUT/metrics.jsonl; every ``--save-every`` steps and at each epoch end an atomic
+checkpoint is written (OUTPUT/checkpoints/step<N>: weights, optimizer, schedule, generator states, position in the
+epoch's data order, best dev state); each epoch decodes the dev set, appends its metrics and exports
+OUTPUT/best_model.pt from the checkpoint when the dev F1 improves. ``--resume`` continues from the newest complete
+checkpoint exactly as the run would have gone on. At the end the best model is scored on the test set.
 
 Defaults are the fastest correct configuration for the machine, chosen and printed in the first lines: on one rank
 the DeepSpeed engine is bypassed (``--zero-stage off``: ZeRO has nothing to partition), several ranks get a ZeRO
@@ -22,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -30,18 +31,20 @@ from pathlib import Path
 import deepspeed
 import numpy as np
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from tqdm import tqdm
 from transformers import AutoTokenizer, BertTokenizer
 
+from tpm_fast import checkpoint
+from tpm_fast.checkpoint import TrainState, checkpoint_weights, exported_step, finished, resume_folder, tag_of
 from tpm_fast.data.cache import CachedImages, ImageCache
 from tpm_fast.data.dali import DaliImages
 from tpm_fast.data.dataset import MNERDataset
 from tpm_fast.data.feed import ImageFeed, ImageSource, PILImages
 from tpm_fast.data.images import MAX_IMAGES, ImageSpec, ImageStats
-from tpm_fast.data.readers import load_split
+from tpm_fast.data.readers import DataFormatError, load_split
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
 from tpm_fast.engine import (
+    GuardedSteps,
     append_jsonl,
     evaluate,
     export_model,
@@ -50,13 +53,14 @@ from tpm_fast.engine import (
     make_loader,
     optimizer_and_schedule,
     set_epoch,
+    step_record,
 )
 from tpm_fast.flops import padding_share, peak_flops, step_flops
 from tpm_fast.info import summary as backend_summary
 from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.model import IMAGE_MODES, TPMConfig, build_model
 from tpm_fast.ops.backend import BACKENDS
-from tpm_fast.plain_engine import PlainEngine, checkpoint_engine
+from tpm_fast.plain_engine import CHECKPOINT_FILE, PlainEngine
 from tpm_fast.runtime import (
     BUCKETING,
     IMAGE_LOADERS,
@@ -113,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=15)
-    g.add_argument("--batch-size", type=int, default=16, help="posts per rank and step")
+    g.add_argument("--batch-size", type=int, default=16, help="posts per rank and micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--eval-batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, help="BERT/ViT learning rate (default 5e-5 pretrained, 1e-3 tiny)")
     g.add_argument("--head-lr", type=float, default=1e-3, help="prefix, temporal, emission and CRF learning rate")
@@ -148,18 +153,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--train-f1", action="store_true", help="also decode every training batch for a train-set F1")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/default")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="epoch checkpoints kept on disk")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="newest",
+        metavar="PATH",
+        help="continue from the newest complete checkpoint in OUTPUT/checkpoints, or from the checkpoint folder PATH",
+    )
+    g.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps too (0: at epoch ends only)")
+    g.add_argument(
+        "--keep-checkpoints", type=int, default=2, help="newest checkpoints kept on disk (plus best_model.pt's source)"
+    )
+    g.add_argument("--max-bad-steps", type=int, default=5, help="stop after N non-finite steps in a row (each skipped)")
     g.add_argument("--eval-only", action="store_true", help="score --checkpoint on the dev and test sets")
     g.add_argument("--checkpoint", help="an exported best_model.pt (for --eval-only)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--debug", action="store_true", help="show the traceback of data errors (else one line)")
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = p.parse_args(argv)
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint OUTPUT/best_model.pt")
-    for name in ("epochs", "batch_size", "eval_batch_size", "max_seq_length", "limit", "image_threads"):
-        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "image_threads" else 1):
-            p.error(f"--{name.replace('_', '-')} must be at least {0 if name == 'image_threads' else 1}")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        p.error(f"--checkpoint {args.checkpoint}: no such file (an exported best_model.pt)")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        p.error(f"--data-dir {args.data_dir}: no such folder")
+    for flag, folder in (("--bert-model", args.bert_model), ("--vit-model", args.vit_model)):
+        if folder and not (Path(folder) / "config.json").is_file():
+            p.error(f"{flag} {folder}: not a model folder (no config.json; pass a folder written by save_pretrained)")
+    at_least = dict.fromkeys(("epochs", "batch_size", "grad_accum", "eval_batch_size", "max_seq_length", "limit"), 1)
+    at_least.update(image_threads=0, save_every=0, keep_checkpoints=1, max_bad_steps=1)
+    for name, low in at_least.items():
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}")
     return args
 
 
@@ -222,11 +247,30 @@ def image_source(
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    try:
+        run(args)
+    except (DataFormatError, FileNotFoundError) as e:  # bad input: one line naming the file (and line)
+        if args.debug:
+            raise
+        raise SystemExit(f"error: {e} (--debug shows the traceback)") from None
+    finally:  # also after an error: else the process occasionally aborts at exit
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> None:
+    """Set up, train (resuming where asked), evaluate, checkpoint and export, then score the test set."""
+    out = Path(args.output_dir)
+    if not args.eval_only and not args.resume and (checkpoint.checkpoints(out / "checkpoints") or
+                                                    (out / "metrics.jsonl").exists()):  # fmt: skip
+        raise SystemExit(
+            f"{out} holds another run (checkpoints or metrics.jsonl): --resume continues it; for a new run choose "
+            "another --output-dir or delete that one"
+        )
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     rank, world, device = init_distributed()
-    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     progress = rank == 0 and not args.no_progress
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -284,7 +328,6 @@ def main(argv: list[str] | None = None) -> None:
             scores = evaluate(model, loader(split_data(split), args.eval_batch_size), progress=progress)
             say(f"{split}: {format_scores(scores)}")
         say(stats.summary())
-        deepspeed.comm.destroy_process_group()
         return
 
     # model, optimizer, engine (DeepSpeed ZeRO, or the plain loop where ZeRO has nothing to partition)
@@ -326,7 +369,10 @@ def main(argv: list[str] | None = None) -> None:
     train_loader = loader(train_data, args.batch_size, shuffle=True, bucket=bucket, dtype=image_dtype)
     dev_loader = loader(split_data("val"), args.eval_batch_size, dtype=image_dtype)
     lr = args.lr or (5e-5 if pretrained else 1e-3)
-    total_steps = args.epochs * len(train_loader)
+    if args.grad_accum > 1 and stage in ("0", "3"):
+        raise SystemExit(f"--grad-accum {args.grad_accum} under ZeRO-{stage}: DeepSpeed could not skip a non-finite "
+                         "step there; use --zero-stage 1 or 2 (or off on one rank)")  # fmt: skip
+    total_steps = args.epochs * -(-len(train_loader) // args.grad_accum)  # optimizer steps, not micro-batches
     optimizer, schedule = optimizer_and_schedule(
         model.to(device), lr, args.head_lr, args.weight_decay, total_steps, args.warmup_ratio, not args.no_fused_adamw
     )
@@ -336,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         engine = PlainEngine(model, optimizer, schedule, ds_config["gradient_clipping"], dtype=dtype)
     else:
         ds_config["train_micro_batch_size_per_gpu"] = args.batch_size
+        ds_config["gradient_accumulation_steps"] = args.grad_accum
         ds_config["bf16"] = {"enabled": bf16}
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     if args.compile:  # dynamic shapes: one graph for the varying batch lengths; the CRF stays eager
@@ -346,81 +393,128 @@ def main(argv: list[str] | None = None) -> None:
         f"{'no ZeRO' if stage == 'off' else f'ZeRO-{stage}'}, {precision}, {world} rank(s) on {device.type}"
     )
 
-    ckpt_dir = out / "checkpoints"
-    state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "step": 0}
-    if args.resume:
-        written = checkpoint_engine(ckpt_dir)
-        if written is None:
-            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-        if (written == "off") != (stage == "off"):
-            by = "without the DeepSpeed engine (--zero-stage off)" if written == "off" else "by the DeepSpeed engine"
-            raise SystemExit(f"--resume: {ckpt_dir} was written {by}: resume with the --zero-stage it was trained with")
-        path, client = engine.load_checkpoint(str(ckpt_dir))
-        if path is None:
-            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-        state.update({k: client[k] for k in state})
-        say(f"resumed from {path}: epoch {state['epoch']} done, best dev F1 {state['best_f1'] * 100:.2f}")
+    ckpt_dir, metrics = out / "checkpoints", out / "metrics.jsonl"
+    barrier = deepspeed.comm.barrier
 
-    for epoch in range(state["epoch"] + 1, args.epochs + 1):
-        set_epoch(train_loader.loader, epoch)
+    def export_best(state: TrainState) -> None:  # rank 0: best_model.pt from the checkpoint of the best step
+        weights = checkpoint_weights(ckpt_dir / tag_of(state.best_step))
+        export_model(engine.module, weights, tokenizer, spec, max_len, out / "best_model.pt", epoch=state.best_epoch,
+                     step=state.best_step)  # fmt: skip
+
+    def save(state: TrainState) -> None:  # every rank: an atomic checkpoint at state.step, then rotation
+        state.images = stats.as_dict()
+        state.metrics_bytes = metrics.stat().st_size if metrics.is_file() else 0
+        checkpoint.save(engine, ckpt_dir, state, rank, barrier)
+        if rank == 0:
+            checkpoint.rotate(ckpt_dir, args.keep_checkpoints, state.best_step)
+
+    state, rng = TrainState(), None
+    if args.resume:
+        folder = resume_folder(args.resume, ckpt_dir, say)
+        if (folder / CHECKPOINT_FILE).is_file() != (stage == "off"):
+            by = "without the DeepSpeed engine (--zero-stage off)" if stage != "off" else "by the DeepSpeed engine"
+            raise SystemExit(f"--resume: {folder} was written {by}: resume with the --zero-stage it was trained with")
+        engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        state, rng = checkpoint.load_state(folder, rank)
+        if state.epoch >= args.epochs and finished(out, state):
+            say(f"{out} finished at step {state.step} ({state.epoch} epochs; {out / 'results.json'}): nothing to do")
+            return
+        for name, count in state.images.items():
+            setattr(stats, name, count)
+        if rank == 0:
+            checkpoint.cut_log(metrics, state.metrics_bytes)  # records logged after the checkpoint come again
+            if state.best_step and exported_step(out / "best_model.pt") != state.best_step:
+                export_best(state)  # the run stopped between the checkpoint and its export
+        best = f"best dev F1 {state.best_f1 * 100:.2f} (epoch {state.best_epoch})" if state.best_step else "no dev yet"
+        say(f"resumed from {folder}: step {state.step}, epoch {state.epoch} done + {state.batch} batches; {best}")
+    if rank == 0:
+        checkpoint.clear_staging(ckpt_dir)
+    barrier()
+    stop, steps = checkpoint.StopRequest(), GuardedSteps(engine, args.grad_accum)
+    if rng is not None:  # last: setting up the resumed run drew from the generators
+        checkpoint.set_rng_state(rng)
+
+    for epoch in range(state.epoch + 1, args.epochs + 1):
+        set_epoch(train_loader.loader, epoch, skip=state.batch)
         engine.train()
-        start, total_loss, seen, flops, train_gold, train_pred = time.perf_counter(), 0.0, 0, 0.0, [], []
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", disable=not progress)
+        start, seen, flops = time.perf_counter(), 0, 0.0
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", disable=not progress, initial=state.batch)
         for batch in bar:
+            first = state.batch // args.grad_accum * args.grad_accum  # the step's first micro-batch in the epoch
+            size = min(args.grad_accum, len(train_loader) - first)  # the epoch's last step may take fewer
+            boundary = state.batch + 1 == first + size
+            steps.begin(boundary)
             flops += step_flops(model, batch.host) * world if peak else 0.0  # CPU tensors: no device sync
             if args.train_f1:  # the authors' habit: Viterbi on every training batch (costs a decode and a sync)
                 loss, tags = engine(batch.tensors, decode=True)
                 gold = [posts["train"][i].labels for i in batch.host["index"].tolist()]
-                train_pred += word_tags(tags.cpu(), batch.host["first_piece"], [len(g) for g in gold], config.labels)
-                train_gold += gold
+                words = [len(g) for g in gold]
+                state.train_pred += word_tags(tags.cpu(), batch.host["first_piece"], words, config.labels)
+                state.train_gold += gold
             else:
                 loss = engine(batch.tensors)
-            engine.backward(loss)
-            engine.step()
-            state["step"] += 1
-            total_loss += loss.detach()  # summed on the device: no host sync per step
+            done = steps.backward(loss, size, boundary)
+            state.batch += 1
             seen += batch.host["input_ids"].shape[0] * world
-            if state["step"] % POSTFIX_EVERY == 0:  # the progress bar's loss is a host read: not every step
+            if done is None:  # inside an accumulation: checkpoints and records are per optimizer step
+                continue
+            value, applied = done
+            state.step += 1
+            if applied:
+                state.bad_steps, state.epoch_steps = 0, state.epoch_steps + 1
+                state.epoch_loss += value
+            else:
+                state.bad_steps, state.skipped_steps = state.bad_steps + 1, state.skipped_steps + 1
+                say(f"warning: step {state.step}: non-finite loss or gradients ({value}): skipped "
+                    f"({state.bad_steps} in a row, {state.skipped_steps} in the run)")  # fmt: skip
+            if rank == 0:
+                append_jsonl(metrics, step_record(state, epoch, value, applied, schedule.get_last_lr()))
+            if state.bad_steps >= args.max_bad_steps:
+                newest = checkpoint.newest_complete(ckpt_dir, say)
+                raise SystemExit(
+                    f"stopped: {state.bad_steps} non-finite steps in a row (steps {state.step - state.bad_steps + 1}"
+                    f"-{state.step}, --max-bad-steps {args.max_bad_steps}); the last checkpoint, {newest}, is intact: "
+                    "--resume from it with a lower --lr, or check the data of these steps"
+                )
+            stopping = stop.agreed()  # SIGTERM on any rank: checkpoint this step, then exit
+            if stopping or args.save_every and state.step % args.save_every == 0 and state.batch < len(train_loader):
+                save(state)
+            if stopping:
+                say(f"SIGTERM: checkpoint {ckpt_dir / tag_of(state.step)} written; --resume continues from it")
+                raise SystemExit(143)
+            if state.step % POSTFIX_EVERY == 0:
                 elapsed = time.perf_counter() - start
-                rates = {"loss": f"{loss.item():.3f}", "posts_per_s": f"{seen / elapsed:.1f}"}
+                rates = {"loss": f"{value:.3f}", "posts_per_s": f"{seen / elapsed:.1f}"}
                 if peak:
                     rates["mfu"] = f"{flops / elapsed / (peak * world):.1%}"
                 bar.set_postfix(rates)
         train_time = time.perf_counter() - start
         dev = evaluate(engine.module, dev_loader, desc="dev", progress=progress)
-        better = dev["f1"] > state["best_f1"]
+        better = dev["f1"] > state.best_f1
         if better:
-            state.update(best_f1=dev["f1"], best_epoch=epoch)
-        state["epoch"] = epoch
-        tag = f"epoch{epoch}"
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(state))
-        deepspeed.comm.barrier()  # every rank's part of the checkpoint is on disk
-        if better and rank == 0:  # export the fp32 master weights (the module may be bf16 or ZeRO-3 partitioned)
-            if stage == "off":
-                weights = engine.fp32_state_dict()
-            elif stage == "0":  # plain data parallel in fp32: the module holds the weights
-                weights = engine.module.state_dict()
-            else:
-                weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-            export_model(engine.module, weights, tokenizer, spec, max_len, out / "best_model.pt", epoch=epoch)
+            state.best_f1, state.best_epoch, state.best_step = dev["f1"], epoch, state.step
         record = {
             "epoch": epoch,
-            "step": state["step"],
-            "train_loss": float(total_loss) / len(train_loader),
+            "step": state.step,
+            "train_loss": state.epoch_loss / max(1, state.epoch_steps),
             "train_seconds": train_time,
             "train_posts_per_s": seen / train_time,
-            **({"train_f1": entity_scores(train_gold, train_pred)["f1"]} if args.train_f1 else {}),
+            **({"train_f1": entity_scores(state.train_gold, state.train_pred)["f1"]} if args.train_f1 else {}),
             **({"mfu": flops / train_time / (peak * world)} if peak else {}),
             "dev_precision": dev["precision"],
             "dev_recall": dev["recall"],
             "dev_f1": dev["f1"],
             "dev_per_type": dev["per_type"],
+            "skipped_steps": state.skipped_steps,
             "images": stats.as_dict(),
         }
         if rank == 0:
-            append_jsonl(out / "metrics.jsonl", record)
-            for old in sorted(ckpt_dir.glob("epoch*"), key=lambda p: int(p.name[5:]))[: -args.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            append_jsonl(metrics, record)
+        state.epoch, state.batch, state.epoch_loss, state.epoch_steps = epoch, 0, 0.0, 0
+        state.train_gold, state.train_pred = [], []
+        save(state)
+        if better and rank == 0:
+            export_best(state)
         say(
             f"epoch {epoch}: loss {record['train_loss']:.4f} ({train_time:.0f} s, {seen / train_time:.0f} posts/s)"
             + (f" train F1 {record['train_f1'] * 100:.2f}" if args.train_f1 else "")
@@ -435,22 +529,23 @@ def main(argv: list[str] | None = None) -> None:
         test_loader = loader(split_data("test"), args.eval_batch_size)
         test = evaluate(model, test_loader, desc="test", progress=progress)
         result = {
-            "best_epoch": state["best_epoch"],
-            "dev_f1": state["best_f1"],
+            "best_epoch": state.best_epoch,
+            "dev_f1": state.best_f1,
             "test_precision": test["precision"],
             "test_recall": test["recall"],
             "test_f1": test["f1"],
             "test_per_type": test["per_type"],
             "image_mode": args.image_mode,
             "seed": args.seed,
+            "step": state.step,
+            "skipped_steps": state.skipped_steps,
         }
-        append_jsonl(out / "metrics.jsonl", {"final": result})
-        (out / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True))
-        say(f"best epoch {state['best_epoch']} (dev F1 {state['best_f1'] * 100:.2f}); test {format_scores(test)}")
+        append_jsonl(metrics, {"final": result})  # before results.json: a resume cuts it off and scores again
+        checkpoint.write_atomically(out / "results.json", json.dumps(result, indent=2, sort_keys=True))
+        say(f"best epoch {state.best_epoch} (dev F1 {state.best_f1 * 100:.2f}); test {format_scores(test)}")
         say(stats.summary())
-        say(f"exported {out / 'best_model.pt'}; metrics in {out / 'metrics.jsonl'}")
-    deepspeed.comm.barrier()
-    deepspeed.comm.destroy_process_group()
+        say(f"exported {out / 'best_model.pt'}; metrics in {metrics}")
+    barrier()
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def run(config: str, seed: int, extra: list[str], work: Path) -> dict:
 def collect(config: str, seed: int, out: Path) -> dict:
     """The row of one finished ``train.py`` run from its OUTPUT/metrics.jsonl."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in records if "epoch" in r]
+    epochs = [r for r in records if "dev_f1" in r]  # the epoch records (step records have a loss)
     final = next(r["final"] for r in records if "final" in r)
     return {
         "config": config,

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, BertModel
 from tpm_fast.data.dataset import MNERDataset
 from tpm_fast.data.labels import LABELS
 from tpm_fast.data.readers import load_split
-from tpm_fast.engine import make_loader
+from tpm_fast.engine import make_loader, set_epoch
 from tpm_fast.metrics import entity_scores, word_tags
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     model = BertCRF(args.bert_model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     for epoch in range(1, args.epochs + 1):
-        train.sampler.set_epoch(epoch)
+        set_epoch(train, epoch)
         start = time.perf_counter()
         for posts in train:
             batch = posts.tensors

@@ -20,8 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from tpm_fast.checkpoint import checkpoint_weights, newest_complete
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +35,7 @@ def train(out: Path, ranks: int, stage: str, extra: list[str]) -> dict:
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in records if "epoch" in r]
+    epochs = [r for r in records if "dev_f1" in r]  # the epoch records (step records have a loss)
     return {
         "ranks": ranks,
         "stage": stage,
@@ -48,12 +47,7 @@ def train(out: Path, ranks: int, stage: str, extra: list[str]) -> dict:
 
 def final_weights(ckpt_dir: Path) -> dict:
     """fp32 weights of the newest checkpoint, whichever engine wrote it."""
-    tag = (ckpt_dir / "latest").read_text().strip()
-    if (ckpt_dir / tag / "plain_states.pt").is_file():
-        return torch.load(ckpt_dir / tag / "plain_states.pt", weights_only=False)["module"]
-    if not list((ckpt_dir / tag).glob("*optim_states.pt")):  # stage 0: the module holds the fp32 weights
-        return torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    return checkpoint_weights(newest_complete(ckpt_dir))
 
 
 def main() -> None:

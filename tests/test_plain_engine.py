@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from tpm_fast import plain_engine
+from tpm_fast.engine import GuardedSteps
 from tpm_fast.plain_engine import CHECKPOINT_FILE, PlainEngine
 
 
@@ -137,3 +138,53 @@ def test_bf16_needs_a_fresh_optimizer():
     optimizer.step()
     with pytest.raises(ValueError, match="fresh optimizer"):
         PlainEngine(model, optimizer, schedule, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype,clip", [(torch.float32, 1.0), (torch.float32, 0.0), (torch.bfloat16, 1.0)])
+def test_nonfinite_gradients_skip_the_step(dtype, clip):
+    """A NaN or inf gradient: step() returns False, drops the gradients and changes no weight, optimizer state or
+    schedule; the next finite step is applied."""
+    model, optimizer, schedule = setup()
+    engine = PlainEngine(model, optimizer, schedule, gradient_clipping=clip, dtype=dtype)
+    x = batches(1)[0].to(dtype)
+    engine.backward(loss_of(model, x).float())
+    assert engine.step()
+    before = copy.deepcopy((engine.fp32_state_dict(), optimizer.state_dict(), schedule.state_dict()))
+    for bad in (float("nan"), float("inf")):
+        engine.backward(loss_of(model, x).float() * bad)
+        assert not engine.step()
+        assert all(p.grad is None for p in model.parameters())
+        weights, opt_state, sched_state = engine.fp32_state_dict(), optimizer.state_dict(), schedule.state_dict()
+        assert all(torch.equal(weights[k], v) for k, v in before[0].items())
+        for i, s in before[1]["state"].items():
+            assert all(torch.equal(opt_state["state"][i][k], v) for k, v in s.items())
+        assert sched_state == before[2]
+    engine.backward(loss_of(model, x).float())
+    assert engine.step() and schedule.state_dict()["last_epoch"] == before[2]["last_epoch"] + 1
+
+
+def test_accumulated_micro_batches_step_as_one_batch():
+    """GuardedSteps with 2 micro-batches of 4: the update of one batch of 8 (mean loss); a NaN in the second
+    micro-batch skips the whole step."""
+    data = torch.cat(batches(2))
+    one = PlainEngine(*setup(), gradient_clipping=0.5)
+    assert GuardedSteps(one).backward(loss_of(one.module, data), 1, True)[1]
+    two = PlainEngine(*setup(), gradient_clipping=0.5)
+    steps = GuardedSteps(two, accumulation=2)
+    assert steps.backward(loss_of(two.module, data[:4]), 2, False) is None
+    mean, applied = steps.backward(loss_of(two.module, data[4:]), 2, True)
+    assert applied and mean == pytest.approx(loss_of(setup()[0], data).item(), rel=1e-6)
+    for p, q in zip(one.module.parameters(), two.module.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in two.module.parameters()]
+    assert steps.backward(loss_of(two.module, data[:4]), 2, False) is None
+    mean, applied = steps.backward(loss_of(two.module, data[4:]) * float("nan"), 2, True)
+    assert not applied and all(torch.equal(p, q) for p, q in zip(two.module.parameters(), before))
+
+
+def test_without_the_nonfinite_check_every_step_is_applied():
+    """skip_nonfinite=False (a step free of host reads): a NaN gradient reaches the weights."""
+    model, optimizer, schedule = setup()
+    engine = PlainEngine(model, optimizer, schedule, skip_nonfinite=False)
+    engine.backward(loss_of(model, batches(1)[0]) * float("nan"))
+    assert engine.step() and all(p.isnan().all() for p in model.parameters())

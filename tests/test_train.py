@@ -29,7 +29,7 @@ def run(*args: str, launcher: tuple[str, ...] = (sys.executable,), timeout: int 
 
 def epochs_logged(out: Path) -> list[int]:
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["epoch"] for r in lines if "epoch" in r]
+    return [r["epoch"] for r in lines if "dev_f1" in r]
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +50,19 @@ def trained(corpus, tmp_path_factory) -> Path:
 
 def test_train_writes_log_checkpoints_and_model(trained):
     assert epochs_logged(trained) == [1, 2]
-    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()][:2]
+    records = [r for r in map(json.loads, (trained / "metrics.jsonl").read_text().splitlines()) if "dev_f1" in r]
     assert all(r["train_posts_per_s"] > 0 and "mfu" not in r for r in records)  # MFU only where the GPU peak is known
     result = json.loads((trained / "results.json").read_text())
     assert 0.0 < result["test_f1"] <= 1.0 and result["best_epoch"] in (1, 2)
     weights = torch.load(trained / "best_model.pt", weights_only=True)["state_dict"]
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
     assert (trained / "best_model.pt").exists() and (trained / "tokenizer").is_dir()
-    assert sorted(p.name for p in (trained / "checkpoints").glob("epoch*")) == ["epoch1", "epoch2"]
+    assert sorted(p.name for p in (trained / "checkpoints").glob("step*")) == ["step24", "step48"]  # epoch ends
 
 
 def first_epoch(out: Path) -> dict:
-    return next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("epoch") == 1)
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return next(r for r in records if r.get("epoch") == 1 and "dev_f1" in r)  # the epoch record, not a step's
 
 
 @pytest.mark.parametrize("loader", ["cache", "dali"])
@@ -97,7 +98,9 @@ def test_resume_continues_from_last_epoch(trained, corpus):
     log = run("train.py", "--data-dir", str(corpus), "--output-dir", str(trained), *SMALL, "--epochs", "3", "--resume")
     assert "resumed from" in log and "epoch 2 done" in log
     assert epochs_logged(trained) == [1, 2, 3]  # epochs 1-2 were not trained again
-    assert sorted(p.name for p in (trained / "checkpoints").glob("epoch*")) == ["epoch2", "epoch3"]  # keep 2
+    kept = sorted(p.name for p in (trained / "checkpoints").glob("step*"))
+    best = json.loads((trained / "results.json").read_text())["best_epoch"]
+    assert kept == sorted({"step48", "step72", f"step{24 * best}"})  # the last 2, and best_model.pt's source
 
 
 def test_resume_with_the_other_engine_fails_clearly(trained, corpus):
@@ -185,16 +188,36 @@ def test_triton_backend_and_train_f1(corpus, tmp_path):
     log = run("train.py", "--data-dir", str(corpus), "--output-dir", str(tmp_path), *SMALL, "--epochs", "1",
               "--limit", "16", "--backend", "triton", "--train-f1")  # fmt: skip
     assert "train F1" in log and "test P=" in log
-    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    record = next(r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "dev_f1" in r)
     assert 0.0 <= record["train_f1"] <= 1.0
 
 
+def fails(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return proc
+
+
 def test_bad_options_fail_early(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", "--batch-size", "0"], cwd=ROOT, capture_output=True, text=True)
+    proc = fails("--batch-size", "0")
     assert proc.returncode == 2 and "--batch-size must be at least 1" in proc.stderr
-    proc = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True)  # fmt: skip
-    assert proc.returncode != 0 and "MNER-MI_train.txt" in proc.stderr
+    proc = fails("--bert-model", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "not a model folder" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_data_errors_are_one_line_naming_the_file(tmp_path, corpus):
+    proc = fails("--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"))
+    assert proc.returncode == 1 and "MNER-MI_train.txt" in proc.stderr and "Traceback" not in proc.stderr
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    with open(data / "MNER-MI_val.txt", "a") as f:
+        f.write("{not json\n")
+    proc = fails("--data-dir", str(data), "--output-dir", str(tmp_path / "out"))
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(error) == 1 and f"{data / 'MNER-MI_val.txt'}:25: invalid JSON" in error[0]
+    proc = fails("--data-dir", str(data), "--output-dir", str(tmp_path / "out"), "--debug")
+    assert "Traceback" in proc.stderr and "DataFormatError" in proc.stderr
 
 
 @pytest.mark.skipif(not TWITTER2015.is_dir(), reason=f"{TWITTER2015} not present")

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+import random
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler, SequentialSampler
 from tqdm import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -19,8 +24,48 @@ from tpm_fast.data.feed import ImageFeed
 from tpm_fast.data.images import ImageSpec
 from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.model import TPMMI, load_model, save_model
+from tpm_fast.plain_engine import PlainEngine
 
 ENCODER_PREFIXES = ("bert.", "images.vit.")
+
+
+class ResumableBatches(Sampler[list[int]]):
+    """A batch sampler whose epoch can start part-way through its order (resuming a checkpoint exactly).
+
+    Args:
+        batches: the batch sampler giving the epoch's order (a function of its seed and epoch only).
+    """
+
+    def __init__(self, batches: Sampler[list[int]]) -> None:
+        self.batches = batches
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Seed the order for ``epoch`` (the inner batch sampler's, or its sampler's); iterations start at its batch
+        ``skip`` (the ones before it were trained before a resume). An iteration may be started more than once
+        (a DataLoader with workers starts one to build its iterator, and another for the epoch)."""
+        order = self.batches if hasattr(self.batches, "set_epoch") else getattr(self.batches, "sampler", None)
+        if hasattr(order, "set_epoch"):
+            order.set_epoch(epoch)
+        self.skip = skip
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batches), self.skip, None)
+
+
+def seed_worker(seed: int, worker_id: int) -> None:
+    """``worker_init_fn``: seed a DataLoader worker's Python, numpy and torch generators from (run seed, worker id).
+
+    A worker's generators are then the same in a resumed process as in the original one, and the main process's
+    generators (dropout) are not drawn from when workers start.
+    """
+    state = np.random.SeedSequence([seed, worker_id]).generate_state(1)[0]
+    random.seed(int(state))
+    np.random.seed(int(state))
+    torch.manual_seed(int(state))
 
 
 def make_loader(
@@ -39,29 +84,101 @@ def make_loader(
 
     With ``bucket=True`` (training loaders only) batches are length-bucketed
     (:class:`~tpm_fast.data.bucketing.LengthBucketSampler`): posts of similar length share a batch, so batches pad
-    little; the batch order is random, seeded by ``seed`` and the epoch (:func:`set_epoch`).
+    little; the batch order is random, seeded by ``seed`` and the epoch (:func:`set_epoch`). Training loaders'
+    batch samplers are :class:`ResumableBatches`. The loader draws its workers' base seed from its own generator
+    (seeded by ``seed``) and :func:`seed_worker` seeds each worker, so iterating never advances the process's
+    generators: a run's dropout draws are the same whether or not it was resumed.
     """
-    order: dict = {"sampler": None, "batch_size": batch_size}
     if shuffle and bucket:
         lengths = [len(e["input_ids"]) for e in dataset.encoded]
-        order = {"batch_sampler": LengthBucketSampler(lengths, batch_size, world, rank, seed)}
+        batches = ResumableBatches(LengthBucketSampler(lengths, batch_size, world, rank, seed))
     elif shuffle:
-        order["sampler"] = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+        batches = ResumableBatches(BatchSampler(sampler, batch_size, drop_last=False))
+    else:
+        batches = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
     return DataLoader(
         dataset,
-        **order,
+        batch_sampler=batches,
         num_workers=workers,
         collate_fn=dataset.collate_fn,
         persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=partial(seed_worker, seed * 1000 + rank) if workers else None,
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Seed a training loader's order for ``epoch`` (its sampler or batch sampler, whichever shuffles)."""
-    for order in (loader.batch_sampler, loader.sampler):
-        if hasattr(order, "set_epoch"):
-            order.set_epoch(epoch)
-            return
+def set_epoch(loader: DataLoader, epoch: int, skip: int = 0) -> None:
+    """Seed a training loader's order for ``epoch``; its next iteration starts at batch ``skip`` of that order."""
+    loader.batch_sampler.set_epoch(epoch, skip)
+
+
+class GuardedSteps:
+    """Backward on each micro-batch and an optimizer step every ``accumulation`` of them (the last step of an epoch
+    may take fewer), skipping steps whose loss or gradients are not finite (NaN or inf).
+
+    A skipped step changes no weight, optimizer state or schedule. Without accumulation a non-finite loss skips the
+    backward too (with several ranks, a non-finite loss on any rank skips the step on all of them), and non-finite
+    gradients are caught by ``PlainEngine.step`` (which returns False) or by DeepSpeed's ZeRO-1/2 optimizer (counted
+    in its ``skipped_steps``). With accumulation every micro-batch is backpropagated (the ranks' collectives stay in
+    step) and a non-finite loss reaches the gradients, where those two checks skip the step; DeepSpeed's
+    ZeRO-0/3 have no such check, so ``train.py`` refuses accumulation there. One host read of the loss per
+    micro-batch.
+
+    Args:
+        engine: ``PlainEngine`` or a DeepSpeed engine (whose gradient accumulation boundaries are set here).
+        accumulation: micro-batches per optimizer step.
+    """
+
+    def __init__(self, engine, accumulation: int = 1) -> None:
+        self.engine = engine
+        self.accumulation = accumulation
+        self.deepspeed = not isinstance(engine, PlainEngine)
+        self.losses: list[float] = []
+
+    def begin(self, boundary: bool) -> None:
+        """Call before a micro-batch's forward; ``boundary``: the micro-batch ends an optimizer step."""
+        if self.accumulation > 1 and self.deepspeed:
+            self.engine.set_gradient_accumulation_boundary(boundary)
+
+    def backward(self, loss: torch.Tensor, size: int, boundary: bool) -> tuple[float, bool] | None:
+        """Backpropagate one micro-batch's loss (divided by ``size``, the micro-batches of its step); at a
+        ``boundary``, step the optimizer.
+
+        Returns:
+            None inside an accumulation; at a boundary (the step's mean micro-batch loss, whether it was applied).
+        """
+        value = float(loss.detach())
+        self.losses.append(value)
+        if self.accumulation == 1:
+            applied = self._step_unless_nonfinite(loss, value)
+        else:
+            scaled = loss / size if size > 1 else loss
+            if self.deepspeed:
+                self.engine.backward(scaled, scale_wrt_gas=False)
+            else:
+                self.engine.backward(scaled)
+            if not boundary:
+                return None
+            applied = self._step() and all(math.isfinite(v) for v in self.losses)
+        mean, self.losses = sum(self.losses) / len(self.losses), []
+        return mean, applied
+
+    def _step_unless_nonfinite(self, loss: torch.Tensor, value: float) -> bool:
+        finite = math.isfinite(value)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:  # all ranks skip, or none
+            flag = torch.tensor([float(finite)], device=loss.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = bool(flag.item())
+        if not finite:
+            return False
+        self.engine.backward(loss)
+        return self._step()
+
+    def _step(self) -> bool:
+        skipped = getattr(self.engine, "skipped_steps", 0)
+        applied = self.engine.step()
+        return self.engine.skipped_steps == skipped if self.deepspeed else applied
 
 
 def to_device(batch: dict, device: torch.device, image_dtype: torch.dtype = torch.float32) -> dict:
@@ -151,6 +268,13 @@ def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one JSON record as a line (the per-epoch metrics log)."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def step_record(state, epoch: int, loss: float, applied: bool, lrs: list[float]) -> dict:
+    """The ``metrics.jsonl`` record of one training step (``state``: the run's :class:`~tpm_fast.checkpoint.TrainState`
+    after the step): step, epoch, loss (None when not finite), learning rates, and ``skipped`` for a skipped step."""
+    record = {"step": state.step, "epoch": epoch, "loss": loss if math.isfinite(loss) else None, "lr": lrs}
+    return record if applied else dict(record, skipped=True)
 
 
 def format_scores(scores: dict) -> str:

@@ -33,6 +33,8 @@ class PlainEngine:
         gradient_clipping: max global L2 norm of the gradients before each step (0 = no clipping).
         dtype: ``torch.bfloat16`` to convert ``model`` to bf16 and keep fp32 master weights (``optimizer`` must be
             fresh: its parameter groups are pointed at the masters); ``torch.float32`` to train as is.
+        skip_nonfinite: skip a step whose gradient norm is NaN or inf (one host read of the norm per step); False:
+            every step is applied and a step never reads the device.
     """
 
     def __init__(
@@ -42,8 +44,10 @@ class PlainEngine:
         lr_scheduler=None,
         gradient_clipping: float = 0.0,
         dtype: torch.dtype = torch.float32,
+        skip_nonfinite: bool = True,
     ) -> None:
         self.module = model
+        self.skip_nonfinite = skip_nonfinite
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.gradient_clipping = gradient_clipping
@@ -71,33 +75,49 @@ class PlainEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> None:
+    def step(self) -> bool:
         """Clip the gradients' global norm, step the optimizer and the schedule, drop the gradients.
 
         With bf16 weights (:meth:`_master_step`) the same clipped update is applied to the fp32 masters, which are
         then copied back into the bf16 weights.
+
+        Returns:
+            False when ``skip_nonfinite`` and the gradients' norm is not finite (NaN or inf): the step is skipped, the
+            gradients dropped, and weights, optimizer state and schedule are left as they were.
         """
         if self.masters is not None:
-            self._master_step()
+            applied = self._master_step()
         else:
+            norm = None
             if self.gradient_clipping > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.gradient_clipping, foreach=True)
-            self.optimizer.step()
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.gradient_clipping, foreach=True)
+            elif self.skip_nonfinite:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None], foreach=True)
+            applied = not self.skip_nonfinite or bool(torch.isfinite(norm))
+            if applied:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if self.lr_scheduler is not None:
+        if applied and self.lr_scheduler is not None:
             self.lr_scheduler.step()
+        return applied
 
     @torch.no_grad()
-    def _master_step(self) -> None:
+    def _master_step(self) -> bool:
         """Clip by the global norm of the bf16 gradients (accumulated in fp32), then chunk by chunk: gradients to
         fp32, the optimizer's step on that chunk's masters (parameters without a gradient are skipped, as the
-        optimizer skips them; each parameter's Adam step count advances once), bf16 gradients dropped."""
+        optimizer skips them; each parameter's Adam step count advances once), bf16 gradients dropped. Returns
+        False (nothing updated, gradients dropped) when the norm is not finite."""
         used = [i for i, p in enumerate(self.params) if p.grad is not None]
         grads = [self.params[i].grad for i in used]
         scale = None
-        if self.gradient_clipping > 0 and grads:  # as clip_grad_norm_: max_norm / (norm + 1e-6), at most 1
+        if grads and (self.gradient_clipping > 0 or self.skip_nonfinite):
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
-            scale = (self.gradient_clipping / (norm + 1e-6)).clamp(max=1.0)
+            if self.skip_nonfinite and not bool(torch.isfinite(norm)):
+                for p in self.params:
+                    p.grad = None
+                return False
+            if self.gradient_clipping > 0:  # as clip_grad_norm_: max_norm / (norm + 1e-6), at most 1
+                scale = (self.gradient_clipping / (norm + 1e-6)).clamp(max=1.0)
         chunk, size = [], 0
         for n, i in enumerate(used):
             chunk.append(i)
@@ -114,11 +134,15 @@ class PlainEngine:
                     self.masters[j].grad = None
                 chunk, size = [], 0
         torch._foreach_copy_(self.params, self.masters)
+        return True
 
-    def save_checkpoint(self, save_dir: str | Path, tag: str, client_state: dict | None = None) -> None:
-        """Write ``save_dir/tag/plain_states.pt`` (weights, optimizer, schedule, client state), then ``latest``.
+    def save_checkpoint(
+        self, save_dir: str | Path, tag: str, client_state: dict | None = None, save_latest: bool = True
+    ) -> None:
+        """Write ``save_dir/tag/plain_states.pt`` (weights, optimizer, schedule, client state), then ``latest``
+        (unless ``save_latest`` is False, as DeepSpeed's flag).
 
-        Both files are written under a temporary name and renamed, so a checkpoint is complete or absent.
+        Both files are written under a temporary name and renamed, so each is complete or absent.
         """
         folder = Path(save_dir) / tag
         folder.mkdir(parents=True, exist_ok=True)
@@ -129,7 +153,8 @@ class PlainEngine:
             "client_state": dict(client_state or {}),
         }
         _atomic_save(folder / CHECKPOINT_FILE, lambda f: torch.save(state, f))
-        _atomic_save(Path(save_dir) / "latest", lambda f: f.write(tag.encode()))
+        if save_latest:
+            _atomic_save(Path(save_dir) / "latest", lambda f: f.write(tag.encode()))
 
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None) -> tuple[str | None, dict]:
         """Load the checkpoint named by ``load_dir/latest`` (or ``tag``); returns (its path or None, client state).
@@ -169,17 +194,6 @@ class PlainEngine:
             k: master_of.get(id(v), v).detach().float() if v.is_floating_point() else v.detach()
             for k, v in self.module.state_dict(keep_vars=True).items()
         }
-
-
-def checkpoint_engine(save_dir: str | Path) -> str | None:
-    """Which engine wrote the newest checkpoint in ``save_dir``: ``"off"`` (PlainEngine), ``"deepspeed"``, or None."""
-    latest = Path(save_dir) / "latest"
-    if not latest.is_file():
-        return None
-    folder = Path(save_dir) / latest.read_text().strip()
-    if (folder / CHECKPOINT_FILE).is_file():
-        return "off"
-    return "deepspeed" if folder.is_dir() else None
 
 
 def _atomic_save(path: Path, write) -> None:
