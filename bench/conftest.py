@@ -106,8 +106,9 @@ def pytest_configure(config):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Write bench/results/<device>.json when benchmarks were actually timed (not with --benchmark-disable); a run
-    of a subset replaces those benchmarks in the file and keeps the rest."""
+    """Write bench/results/<device>.json (CPU with TPM_BENCH_THREADS=T > 1: <device>-Tthreads.json) when benchmarks
+    were actually timed (not with --benchmark-disable); a run of a subset replaces those benchmarks in the file and
+    keeps the rest."""
     bs = getattr(session.config, "_benchmarksession", None)
     if bs is None or bs.disabled or not bs.benchmarks:
         return
@@ -120,7 +121,9 @@ def pytest_sessionfinish(session, exitstatus):
     )
     output["device"] = device_name()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{device_name()}.json"
+    threads = os.environ.get("TPM_BENCH_THREADS", "1")
+    suffix = f"-{threads}threads" if device_name().startswith("cpu") and threads != "1" else ""
+    path = RESULTS_DIR / f"{device_name()}{suffix}.json"  # e.g. cpu-AMD-EPYC-2threads.json
     if path.exists():  # a partial run (-k ...) replaces its own benchmarks and keeps the others
         fresh = {b["fullname"] for b in output["benchmarks"]}
         kept = [b for b in json.loads(path.read_text())["benchmarks"] if b["fullname"] not in fresh]
