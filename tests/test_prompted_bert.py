@@ -19,13 +19,14 @@ def _case(batch, n, m, layers, heads, head_dim, seed, dtype=torch.float64, devic
     lengths = torch.randint(1, n + 1, (batch,), generator=g)
     if batch > 2:
         lengths[1] = 0  # a fully padded post: prefix slots are still visible
-    mask = torch.arange(n)[None] < lengths[:, None]  # shape: (B, n)
+    mask = (torch.arange(n)[None] < lengths[:, None]).to(device)  # shape: (B, n)
     shape = (batch, heads, m, head_dim)
-    prefix = [tuple(torch.randn(shape, generator=g, dtype=dtype).to(device).requires_grad_() for _ in "kv")]
-    prefix += [tuple(torch.randn(shape, generator=g, dtype=dtype).to(device).requires_grad_() for _ in "kv")
-               for _ in range(layers - 1)]  # fmt: skip
+    prefix = [
+        tuple(torch.randn(shape, generator=g, dtype=dtype).to(device).requires_grad_() for _ in "kv")
+        for _ in range(layers)
+    ]
     upstream = torch.randn(batch, n, heads * head_dim, generator=g, dtype=dtype).to(device)
-    return bert, ids.to(device), mask.to(device), prefix, upstream * mask.to(device)[..., None]  # real pieces only
+    return bert, ids.to(device), mask, prefix, upstream * mask[..., None]  # upstream on the real pieces only
 
 
 def _hf(bert, ids, mask, prefix, shift_positions=True):

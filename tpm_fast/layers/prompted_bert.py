@@ -81,7 +81,10 @@ def prompted_bert(
         prefix = [(empty, empty)] * len(layers)
     if pack is None:
         pack = token_index is not None or mask.device.type == "cpu"
-    token_index = (pack_index(mask) if token_index is None else token_index) if pack else None
+    if not pack:
+        token_index = None
+    elif token_index is None:
+        token_index = pack_index(mask)
     if token_index is not None:
         hidden = hidden.reshape(batch * n, d_t).index_select(0, token_index)  # shape: (T, d_t)
     # once per forward, shared by every layer: the backend and the key loop's bound
