@@ -1,6 +1,7 @@
 """The shareable export: round trip, image settings as HF reads them, version check, legacy files, atomic replace."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,41 @@ def test_update_card_fills_test_scores(tmp_path, tokenizer):
     assert read_info(tmp_path / "e")["card"] == merged
     readme = (tmp_path / "e" / "README.md").read_text()
     assert "| dev | 90.00 | 80.00 | 85.00 |" in readme and "| test | 70.00 | 60.00 | 65.00 |" in readme
+
+
+FRESH_PROCESS = """
+import json, sys, torch
+from tpm_fast import TPMMI
+from tpm_fast.data.dataset import MNERDataset
+from tpm_fast.data.feed import ImageFeed, PILImages
+from tpm_fast.data.readers import load_split
+from tpm_fast.engine import evaluate, make_loader
+from tpm_fast.export import load_pretrained
+
+export, data, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = TPMMI.from_pretrained(export)
+exported = load_pretrained(export)  # the tokenizer, image settings and length it was trained with
+dataset = MNERDataset(load_split(data, "synthetic", "test"), exported.tokenizer, exported.max_seq_length,
+                      model.config.image_mode)
+feed = ImageFeed(make_loader(dataset, batch_size, shuffle=False), PILImages(exported.image_spec), torch.device("cpu"))
+print(json.dumps(evaluate(model, feed, progress=False)))
+"""
+
+
+def test_run_export_scores_the_runs_test_f1_in_a_fresh_process(tmp_path):
+    """train.py exports OUTPUT/best_model; a new Python process loads it with from_pretrained (nothing else from the
+    run) and scores the test set: the F1 of the run's results.json, exactly."""
+    from tests.test_train import SMALL, run
+    from tpm_fast.data.synthetic import ensure_synthetic_corpus
+
+    corpus = ensure_synthetic_corpus(tmp_path / "cache", seed=3, n_train=64, n_val=16, n_test=16)
+    run("train.py", "--data-dir", str(corpus), "--output-dir", str(tmp_path / "run"), *SMALL)
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "run" / "best_model"), str(corpus),
+                           "16"], cwd=tmp_path, capture_output=True, text=True, env={**os.environ,
+                           "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = json.loads(proc.stdout.splitlines()[-1])
+    assert 0 < scores["f1"] and scores["f1"] == result["test_f1"]
+    assert (scores["precision"], scores["recall"]) == (result["test_precision"], result["test_recall"])
+    assert read_info(tmp_path / "run" / "best_model")["card"]["scores"]["test"]["f1"] == result["test_f1"]

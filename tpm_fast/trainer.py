@@ -21,12 +21,16 @@ from tpm_fast.engine import (
     set_epoch,
     step_record,
 )
+from tpm_fast.export import update_card
 from tpm_fast.flops import step_flops
 from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.plain_engine import CHECKPOINT_FILE
 from tpm_fast.session import Session, Training
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates (each reads the loss on the host: a sync on GPU)
+EXPORT = "best_model"  # the export folder in OUTPUT (tpm_fast.export)
+NOT_RECIPE = ("output_dir", "resume", "save_every", "keep_checkpoints", "eval_only", "checkpoint", "no_progress",
+              "debug", "local_rank", "data_dir", "dataset", "image_dir", "twitter2017_image_dir", "seed")  # fmt: skip
 
 
 def refuse_other_run(out, resume: bool) -> None:
@@ -56,11 +60,31 @@ def save(s: Session, t: Training, state: TrainState) -> None:
         checkpoint.rotate(s.out / "checkpoints", s.args.keep_checkpoints, state.best_step)
 
 
-def export_best(s: Session, t: Training, state: TrainState) -> None:
-    """Rank 0: ``best_model.pt`` from the checkpoint of the best step (so the two never disagree)."""
+def model_card(s: Session, t: Training, dev: dict) -> dict:
+    """The export's model card facts: data, recipe (the training arguments, the precision and ZeRO stage chosen),
+    seed, and the dev scores ``dev`` (the test scores join after the final test)."""
+    args = s.args
+    data = {"folder": args.data_dir or "the embedded synthetic corpus", "dataset": args.dataset if args.data_dir
+            else "synthetic", "posts": {split: len(p) for split, p in s.posts.items()}}  # fmt: skip
+    recipe = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECIPE and v is not None}
+    recipe.update(precision=t.precision, zero_stage=t.stage, ranks=s.world)
+    return {"data": data, "recipe": recipe, "seeds": [args.seed], "scores": {"dev": dev}}
+
+
+def export_best(s: Session, t: Training, state: TrainState, dev: dict | None = None) -> None:
+    """Rank 0: the ``best_model`` export from the checkpoint of the best step (so the two never disagree).
+
+    Args:
+        dev: the best epoch's dev scores for the model card (None: read from its record in ``metrics.jsonl``).
+    """
     weights = checkpoint_weights(s.out / "checkpoints" / tag_of(state.best_step))
-    export_model(t.model, weights, s.tokenizer, s.spec, s.max_len, s.out / "best_model.pt", epoch=state.best_epoch,
-                 step=state.best_step)  # fmt: skip
+    if dev is None:  # a resume re-exports: the best epoch's record is in the log (cut back to the checkpoint)
+        records = map(json.loads, (s.out / "metrics.jsonl").read_text().splitlines())
+        best = next(r for r in records if "dev_f1" in r and r["step"] == state.best_step)
+        dev = {k: best[f"dev_{k}"] for k in ("precision", "recall", "f1")}
+    dev = {k: dev[k] for k in ("precision", "recall", "f1")}
+    export_model(t.model, weights, s.tokenizer, s.spec, s.max_len, s.out / EXPORT, card=model_card(s, t, dev),
+                 epoch=state.best_epoch, step=state.best_step)  # fmt: skip
 
 
 def resume(s: Session, t: Training) -> tuple[TrainState, dict | None] | None:
@@ -82,7 +106,7 @@ def resume(s: Session, t: Training) -> tuple[TrainState, dict | None] | None:
         setattr(s.stats, name, count)
     if s.rank == 0:
         checkpoint.cut_log(s.out / "metrics.jsonl", state.metrics_bytes)  # records logged after it come again
-        if state.best_step and exported_step(s.out / "best_model.pt") != state.best_step:
+        if state.best_step and exported_step(s.out / EXPORT) != state.best_step:
             export_best(s, t, state)  # the run stopped between the checkpoint and its export
     best = f"best dev F1 {state.best_f1 * 100:.2f} (epoch {state.best_epoch})" if state.best_step else "no dev yet"
     s.say(f"resumed from {folder}: step {state.step}, epoch {state.epoch} done + {state.batch} batches; {best}")
@@ -212,7 +236,7 @@ def end_epoch(s: Session, t: Training, state: TrainState, epoch: int, work: dict
     state.train_gold, state.train_pred = [], []
     save(s, t, state)
     if better and s.rank == 0:
-        export_best(s, t, state)
+        export_best(s, t, state, dev)
     s.say(
         f"epoch {epoch}: loss {record['train_loss']:.4f} ({seconds:.0f} s, {work['posts'] / seconds:.0f} posts/s)"
         + (f" train F1 {record['train_f1'] * 100:.2f}" if args.train_f1 else "")
@@ -232,7 +256,7 @@ def final_test(s: Session, state: TrainState) -> dict | None:
     if s.rank != 0:
         return None
     out, metrics = s.out, s.out / "metrics.jsonl"
-    model, *_ = load_exported(out / "best_model.pt", s.device)
+    model, *_ = load_exported(out / EXPORT, s.device)
     model.backend = s.args.backend
     test = evaluate(model, s.feed(s.dataset("test"), s.args.eval_batch_size), desc="test", progress=s.progress)
     result = {
@@ -247,9 +271,10 @@ def final_test(s: Session, state: TrainState) -> dict | None:
         "step": state.step,
         "skipped_steps": state.skipped_steps,
     }
+    update_card(out / EXPORT, {"scores": {"test": {k: test[k] for k in ("precision", "recall", "f1")}}})
     append_jsonl(metrics, {"final": result})  # before results.json: a resume cuts it off and scores again
     checkpoint.write_atomically(out / "results.json", json.dumps(result, indent=2, sort_keys=True))
     s.say(f"best epoch {state.best_epoch} (dev F1 {state.best_f1 * 100:.2f}); test {format_scores(test)}")
     s.say(s.stats.summary())
-    s.say(f"exported {out / 'best_model.pt'}; metrics in {metrics}")
+    s.say(f"exported {out / EXPORT}; metrics in {metrics}")
     return result
