@@ -1,5 +1,6 @@
 """The shareable export: round trip, image settings as HF reads them, version check, legacy files, atomic replace."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -84,13 +85,17 @@ def test_weights_are_fp32_safetensors_from_the_given_state_dict(tmp_path, tokeni
 
     model, other = random_model(1), random_model(2)
     half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in other.state_dict().items()}
-    save_pretrained(model, tmp_path / "e", tokenizer=tokenizer, image_spec=ImageSpec(), max_seq_length=9,
-                    state_dict=half)  # fmt: skip
-    saved = load_file(tmp_path / "e" / "model.safetensors")
-    assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float32}
-    assert saved.keys() == model.state_dict().keys()
-    for k, v in half.items():  # the given weights, not the module's
-        torch.testing.assert_close(saved[k], v.float(), rtol=0, atol=0)
+    flat = torch.cat([v.flatten() for v in half.values() if v.is_floating_point()]).float()
+    offsets = itertools.accumulate((v.numel() for v in half.values() if v.is_floating_point()), initial=0)
+    views = {k: flat[o : o + v.numel()].view_as(v) for (k, v), o in zip(half.items(), offsets)}  # one shared buffer
+    for given in (half, views):  # bf16 weights; fp32 views into one buffer (as zero_to_fp32 gathers them)
+        save_pretrained(model, tmp_path / "e", tokenizer=tokenizer, image_spec=ImageSpec(), max_seq_length=9,
+                        state_dict=given)  # fmt: skip
+        saved = load_file(tmp_path / "e" / "model.safetensors")
+        assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float32}
+        assert saved.keys() == model.state_dict().keys()
+        for k, v in half.items():  # the given weights, not the module's
+            torch.testing.assert_close(saved[k], v.float(), rtol=0, atol=0)
 
 
 def test_image_settings_read_by_hf_and_back(tmp_path, tokenizer):
