@@ -36,7 +36,7 @@ def render_card(info: dict) -> str:
     lines += ["| split | precision | recall | F1 |", "|---|---|---|---|"]
     for split in ("dev", "test"):
         s = scores.get(split)
-        row = [f"{s[k] * 100:.2f}" for k in ("precision", "recall", "f1")] if s else ["pending"] * 3
+        row = [_percent(s.get(k)) for k in ("precision", "recall", "f1")] if s else ["pending"] * 3
         lines.append(f"| {split} | " + " | ".join(row) + " |")
     for title, key in (("Data", "data"), ("Recipe", "recipe"), ("Seeds", "seeds")):
         lines += ["", f"## {title}", "", _describe(card.get(key, "not recorded"))]
@@ -61,6 +61,10 @@ def render_card(info: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.2f}"
 
 
 def _describe(value) -> str:

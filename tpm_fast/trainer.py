@@ -80,8 +80,8 @@ def export_best(s: Session, t: Training, state: TrainState, dev: dict | None = N
     weights = checkpoint_weights(s.out / "checkpoints" / tag_of(state.best_step))
     if dev is None:  # a resume re-exports: the best epoch's record is in the log (cut back to the checkpoint)
         records = map(json.loads, (s.out / "metrics.jsonl").read_text().splitlines())
-        best = next(r for r in records if "dev_f1" in r and r["step"] == state.best_step)
-        dev = {k: best[f"dev_{k}"] for k in ("precision", "recall", "f1")}
+        best = next((r for r in records if "dev_f1" in r and r["step"] == state.best_step), {"dev_f1": state.best_f1})
+        dev = {k: best.get(f"dev_{k}") for k in ("precision", "recall", "f1")}
     dev = {k: dev[k] for k in ("precision", "recall", "f1")}
     export_model(t.model, weights, s.tokenizer, s.spec, s.max_len, s.out / EXPORT, card=model_card(s, t, dev),
                  epoch=state.best_epoch, step=state.best_step)  # fmt: skip
