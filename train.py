@@ -21,11 +21,13 @@ image loader (DALI on a GPU, else the decoded-image cache given ``--image-cache`
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import deepspeed
 
 from tpm_fast import session, trainer
+from tpm_fast.config import given_flags, read_deepspeed_config
 from tpm_fast.data.readers import DataFormatError
 from tpm_fast.model import IMAGE_MODES
 from tpm_fast.ops.backend import BACKENDS
@@ -83,17 +85,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--zero-stage",
         default="auto",
         choices=ZERO_STAGES,
-        help="DeepSpeed ZeRO stage (configs/zero{N}.json; 0 = plain data parallel); off = no DeepSpeed engine (one "
-        "rank); auto = off on one rank, else chosen by model size",
+        help="DeepSpeed ZeRO stage (0 = plain data parallel); off = no DeepSpeed engine (one rank); auto = off on one "
+        "rank, else chosen by model size",
     )
     g.add_argument(
+        "--deepspeed_config",
+        metavar="FILE",
+        help="a DeepSpeed JSON config (DeepSpeed's own flag): its micro-batch, accumulation, precision, ZeRO stage, "
+        "clipping and other settings become the run's; train.py builds the optimizer and schedule",
+    )
+    one = g.add_mutually_exclusive_group()
+    one.add_argument(
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="bf16 = bf16 weights with fp32 master weights (as DeepSpeed's bf16); auto = bf16 where the hardware has "
-        "it and the model is large enough to gain",
+        help="bf16 = bf16 weights with fp32 master weights (as DeepSpeed's bf16); fp16 = DeepSpeed's fp16 with dynamic "
+        "loss scaling (GPUs without bf16); auto = bf16 where the hardware has it and the model is large enough to gain",
     )
-    g.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="same as --precision bf16")
+    one.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="same as --precision bf16")
+    one.add_argument("--fp16", action="store_const", const="fp16", dest="precision", help="same as --precision fp16")
     g.add_argument(
         "--bucket",
         default="auto",
@@ -124,7 +134,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--debug", action="store_true", help="show the traceback of data errors (else one line)")
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    args.ds_config = None  # the --deepspeed_config file's settings, once read
+    if args.deepspeed_config:
+        args.ds_config = read_deepspeed_config(args.deepspeed_config, args, given_flags(p, argv))
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint OUTPUT/best_model.pt")
     if args.checkpoint and not Path(args.checkpoint).is_file():

@@ -139,9 +139,17 @@ def test_predict_writes_entities(trained, corpus, tmp_path):
     "stage,extra", [(3, ["--bf16"]), (2, ["--image-mode", "first", "--image-padding", "zero_pixel"])]
 )
 def test_zero_stages_and_precisions(corpus, tmp_path, stage, extra):
-    log = run("train.py", "--data-dir", str(corpus), "--output-dir", str(tmp_path), *SMALL, "--epochs", "1",
-              "--zero-stage", str(stage), *extra)  # fmt: skip
+    """ZeRO-3 in bf16 by flags; ZeRO-2 from a --deepspeed_config file (its stage, accumulation and clipping)."""
+    if stage == 3:
+        extra = [*extra, "--zero-stage", "3"]
+    else:
+        config = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 2, "gradient_clipping": 0.5}
+        (tmp_path / "ds.json").write_text(json.dumps(config))
+        extra = [*extra, "--deepspeed_config", str(tmp_path / "ds.json")]
+    log = run("train.py", "--data-dir", str(corpus), "--output-dir", str(tmp_path), *SMALL, "--epochs", "1", *extra)
     assert f"ZeRO-{stage}" in log and "test P=" in log
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, 25 if stage == 3 else 13))  # 24 batches: 12 steps of 2 micro-batches from the file
     weights = torch.load(tmp_path / "best_model.pt", weights_only=True)["state_dict"]
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}  # fp32 master weights
 

@@ -4,7 +4,6 @@ optimizer and the engine (:func:`build_training`). Each step says what it chose,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import socket
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, BertTokenizer
 
+from tpm_fast.config import GRADIENT_CLIPPING, deepspeed_config
 from tpm_fast.data.cache import CachedImages, ImageCache
 from tpm_fast.data.dali import DaliImages
 from tpm_fast.data.dataset import MNERDataset
@@ -38,8 +38,6 @@ from tpm_fast.runtime import (
     choose_zero_stage,
     configure_threads,
 )
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -241,8 +239,11 @@ def build_training(s: Session) -> Training:
             f"the image processor resizes to {s.spec.size} px but the ViT takes {model.config.vit['image_size']}"
         )
     n_params = sum(p.numel() for p in model.parameters())
-    precision, why_precision = choose_precision(args.precision, s.device, model.bert.config.hidden_size)
-    stage, why_stage = choose_zero_stage(args.zero_stage, s.world, n_params, s.device, precision)
+    try:
+        precision, why_precision = choose_precision(args.precision, s.device, model.bert.config.hidden_size)
+        stage, why_stage = choose_zero_stage(args.zero_stage, s.world, n_params, s.device, precision)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     s.say(f"engine: {'no DeepSpeed engine' if stage == 'off' else f'DeepSpeed ZeRO-{stage}'} ({why_stage}); "
           f"{precision} ({why_precision})")  # fmt: skip
     if stage == "off" and s.world > 1:
@@ -256,10 +257,9 @@ def build_training(s: Session) -> Training:
     share = padding_share(model, lengths, images, args.batch_size, packed=s.device.type == "cpu")  # CPU: BERT packs
     bucket, why_bucket = choose_bucketing(args.bucket, share)
     s.say(f"batches: {'length-bucketed' if bucket else 'random'} ({why_bucket})")
-    bf16 = precision == "bf16"
-    image_dtype = torch.bfloat16 if bf16 else torch.float32  # the compute dtype of pixel_values
-    train_loader = s.feed(train_data, args.batch_size, shuffle=True, bucket=bucket, dtype=image_dtype)
-    dev_loader = s.feed(s.dataset("val"), args.eval_batch_size, dtype=image_dtype)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)  # the compute dtype
+    train_loader = s.feed(train_data, args.batch_size, shuffle=True, bucket=bucket, dtype=dtype)
+    dev_loader = s.feed(s.dataset("val"), args.eval_batch_size, dtype=dtype)
     lr = args.lr or (5e-5 if pretrained else 1e-3)
     if args.grad_accum > 1 and stage in ("0", "3"):
         raise SystemExit(f"--grad-accum {args.grad_accum} under ZeRO-{stage}: DeepSpeed could not skip a non-finite "
@@ -268,15 +268,11 @@ def build_training(s: Session) -> Training:
     optimizer, schedule = optimizer_and_schedule(
         model.to(s.device), lr, args.head_lr, args.weight_decay, total_steps, args.warmup_ratio, not args.no_fused_adamw
     )
-    ds_config = json.loads((CONFIGS / f"zero{1 if stage == 'off' else stage}.json").read_text())
     if stage == "off":  # bf16 = bf16 weights with fp32 master weights, as DeepSpeed's bf16
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        engine = PlainEngine(model, optimizer, schedule, ds_config["gradient_clipping"], dtype=dtype)
+        engine = PlainEngine(model, optimizer, schedule, GRADIENT_CLIPPING, dtype=dtype)
     else:
-        ds_config["train_micro_batch_size_per_gpu"] = args.batch_size
-        ds_config["gradient_accumulation_steps"] = args.grad_accum
-        ds_config["bf16"] = {"enabled": bf16}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+        config = deepspeed_config(stage, args.batch_size, args.grad_accum, s.world, precision, args.ds_config)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
     if args.compile:  # dynamic shapes: one graph for the varying batch lengths; the CRF stays eager
         model.emission_scores = torch.compile(model.emission_scores, dynamic=True)
     s.say(

@@ -4,6 +4,7 @@ checkpoint and export, score the test set. Every rank calls each of them; record
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import deepspeed
@@ -114,7 +115,8 @@ def train_epoch(s: Session, t: Training, state: TrainState, epoch: int, steps: G
                 stop: checkpoint.StopRequest) -> dict:  # fmt: skip
     """Train epoch ``epoch`` from batch ``state.batch`` on: a step record per optimizer step, checkpoints every
     ``--save-every`` steps; SIGTERM checkpoints the step and exits with 143; ``--max-bad-steps`` non-finite steps in
-    a row stop the run.
+    a row stop the run (under fp16, a step DeepSpeed's loss scaler skips for overflowing gradients of a finite loss
+    is logged with ``loss_scale_overflow`` and not counted there: the scaler lowers the scale and goes on).
 
     Returns:
         {"seconds", "posts", "flops"} of this process's share of the epoch (posts and FLOPs of all ranks).
@@ -146,15 +148,19 @@ def train_epoch(s: Session, t: Training, state: TrainState, epoch: int, steps: G
             continue
         value, applied = done
         state.step += 1
+        overflow = not applied and t.precision == "fp16" and math.isfinite(value)  # the loss scale is lowered
         if applied:
             state.bad_steps, state.epoch_steps = 0, state.epoch_steps + 1
             state.epoch_loss += value
+        elif overflow:
+            state.skipped_steps += 1
         else:
             state.bad_steps, state.skipped_steps = state.bad_steps + 1, state.skipped_steps + 1
             s.say(f"warning: step {state.step}: non-finite loss or gradients ({value}): skipped "
                   f"({state.bad_steps} in a row, {state.skipped_steps} in the run)")  # fmt: skip
         if s.rank == 0:
-            append_jsonl(metrics, step_record(state, epoch, value, applied, t.schedule.get_last_lr()))
+            record = step_record(state, epoch, value, applied, t.schedule.get_last_lr())
+            append_jsonl(metrics, dict(record, loss_scale_overflow=True) if overflow else record)
         if state.bad_steps >= args.max_bad_steps:
             newest = checkpoint.newest_complete(ckpt_dir, s.say)
             raise SystemExit(
