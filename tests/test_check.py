@@ -207,3 +207,21 @@ def test_check_malformed_data(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "nowhere")])
     assert e.value.code == 2 and "no such folder" in capsys.readouterr().err
+
+
+def test_check_synthetic_corpus(tmp_path, capsys):
+    """The embedded corpus: every image present, and the counts of its own files."""
+    from tpm_fast.data.synthetic import ensure_synthetic_corpus
+
+    n = {"train": 12, "val": 4, "test": 5}
+    data = ensure_synthetic_corpus(tmp_path, secrets.randbelow(1000), n["train"], n["val"], n["test"])
+    run_check(capsys, data, "--dataset", "synthetic", "--json", tmp_path / "r.json", "--no-progress")
+    report = json.loads((tmp_path / "r.json").read_text())
+    for split, count in n.items():
+        lines = [json.loads(line) for line in (data / f"MNER-MI_{split}.txt").read_text().splitlines()]
+        got = report["splits"][split]
+        assert got["posts"] == count == len(lines)
+        assert got["entities"]["total"] == sum(t.startswith("B-") for post in lines for t in post["label"])
+        per_post = Counter(len(p["images"]) for p in lines)
+        assert got["images_per_post"] == {**{str(k): per_post[k] for k in range(5)}, ">4": 0}
+        assert got["images"]["present"] == got["images"]["ok"] == sum(len(p["images"]) for p in lines)
