@@ -70,7 +70,8 @@ def text_stats(posts: Sequence[Post], too_many: int = 0) -> dict:
 
 
 def decode_images(paths: Sequence[Path], threads: int = 1, progress: bool = False) -> dict[Path, ImageEvent]:
-    """Read and decode each distinct image once with :class:`~tpm_fast.data.images.ImageLoader` (pixels dropped).
+    """Read and decode each distinct image once, as training does (:class:`~tpm_fast.data.images.ImageLoader` at the
+    default 224-pixel :class:`~tpm_fast.data.images.ImageSpec`), keeping only the events.
 
     Args:
         paths: image files (duplicates are decoded once).
@@ -124,8 +125,12 @@ def image_stats(posts: Sequence[Post], events: dict[Path, ImageEvent], examples:
         "present": stats.ok + stats.repaired,
         "missing": stats.missing,
         "broken": stats.undecodable + stats.empty_file,
+        "ok": stats.ok,
+        "repaired": stats.repaired,
+        "undecodable": stats.undecodable,
+        "empty_file": stats.empty_file,
+        "converted": stats.converted,
     }
-    counts.update({k: getattr(stats, k) for k in (*ImageStats.OUTCOMES, "converted") if k not in counts})
     return counts, found
 
 
