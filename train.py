@@ -37,14 +37,22 @@ from tpm_fast.runtime import BUCKETING, IMAGE_LOADERS, PRECISIONS, ZERO_STAGES
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", help="dataset folder (default: the embedded synthetic corpus, made on first use)")
+    g.add_argument(
+        "--data-dir",
+        help="dataset folder, flat or as downloaded (the authors' Dataset/, UMT's data/; README: Getting the data); "
+        "default: the embedded synthetic corpus, made on first use",
+    )
     g.add_argument(
         "--dataset",
         default="MI",
         choices=["MI", "UNI", "twitter2015", "twitter2017"],
         help="MI: MNER-MI_*.txt; UNI: MNER-UNI_*.txt (MNER-MI-Plus); twitter*: CoNLL {train,valid,test}.txt",
     )
-    g.add_argument("--image-dir", help="image folder (default DATA/images)")
+    g.add_argument(
+        "--image-dir",
+        help="image folder (default DATA/images; for TWITTER the first of DATA/images, DATA/<dataset>_images, "
+        "DATA/../<dataset>_images that exists)",
+    )
     g.add_argument("--twitter2017-image-dir", help="TWITTER-2017 images of MNER-UNI (default DATA/twitter2017_images)")
     g.add_argument("--limit", type=int, help="use only the first N posts of each split (quick trials)")
     g.add_argument("--max-seq-length", type=int, default=128, help="word pieces per post, with [CLS] and [SEP]")

@@ -23,7 +23,7 @@ from tpm_fast.data.dali import DaliImages
 from tpm_fast.data.dataset import MNERDataset
 from tpm_fast.data.feed import ImageFeed, ImageSource, PILImages
 from tpm_fast.data.images import MAX_IMAGES, ImageSpec, ImageStats
-from tpm_fast.data.readers import Post, load_split
+from tpm_fast.data.readers import Post, load_split, resolve_layout
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
 from tpm_fast.engine import load_exported, make_loader, optimizer_and_schedule
 from tpm_fast.flops import padding_share, peak_flops
@@ -178,9 +178,10 @@ def prepare(args: argparse.Namespace) -> Session:
         except ValueError as e:
             raise SystemExit(f"--vit-model: {e}") from None
         max_len, image_mode = args.max_seq_length, args.image_mode
-    image_dir = Path(args.image_dir) if args.image_dir else data_dir / "images"
-    if image_mode != "text" and not image_dir.is_dir():
-        say(f"warning: image folder {image_dir} does not exist: every image slot stays empty (see --image-dir)")
+    layout = resolve_layout(data_dir, dataset, **folders)
+    if image_mode != "text" and not layout.image_dir.is_dir():
+        tried = ", ".join(str(d) for d in layout.image_dirs_tried)
+        say(f"warning: no image folder (looked at {tried}): every image slot stays empty (see --image-dir)")
     try:
         loader, why_loader = choose_image_loader(args.image_loader, image_mode, device, args.image_cache)
     except ValueError as e:
