@@ -31,6 +31,7 @@ from tpm_fast.config import given_flags, read_deepspeed_config
 from tpm_fast.data.readers import DataFormatError
 from tpm_fast.model import IMAGE_MODES
 from tpm_fast.ops.backend import BACKENDS
+from tpm_fast.recipe import RECIPES, apply_recipe
 from tpm_fast.runtime import BUCKETING, IMAGE_LOADERS, PRECISIONS, ZERO_STAGES
 
 
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--twitter2017-image-dir", help="TWITTER-2017 images of MNER-UNI (default DATA/twitter2017_images)")
     g.add_argument("--limit", type=int, help="use only the first N posts of each split (quick trials)")
-    g.add_argument("--max-seq-length", type=int, default=128, help="word pieces per post, with [CLS] and [SEP]")
+    g.add_argument("--max-seq-length", type=int, help="word pieces per post, with [CLS] and [SEP] (recipe: 128 / 64)")
     g.add_argument(
         "--image-loader",
         default="auto",
@@ -68,8 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--bert-model", help="local BERT folder (e.g. bert-base-uncased); default: tiny BERT from scratch")
     g.add_argument("--vit-model", help="local ViT folder (e.g. vit-base-patch16-224); default: tiny ViT from scratch")
     g.add_argument("--image-mode", default="multi", choices=IMAGE_MODES, help="text: BERT-CRF; first: first image")
-    g.add_argument("--image-padding", default="zero_feature", choices=["zero_feature", "zero_pixel"])
-    g.add_argument("--image-feature", default="cls", choices=["cls", "pooler"])
+    g.add_argument(
+        "--image-padding",
+        choices=["zero_feature", "zero_pixel"],
+        help="empty slots (recipe: zero_feature / zero_pixel)",
+    )
+    g.add_argument("--image-feature", choices=["cls", "pooler"], help="ViT feature (recipe: cls / pooler)")
     g.add_argument("--prefix-hidden", type=int, help="prefix MLP width (default 1024; 256 for the tiny models)")
     g.add_argument("--no-shift-positions", action="store_true", help="token positions start at 0, not at m")
     g.add_argument(
@@ -81,14 +86,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=15)
-    g.add_argument("--batch-size", type=int, default=16, help="posts per rank and micro-batch")
+    g.add_argument(
+        "--recipe",
+        default="tpm-fast",
+        choices=RECIPES,
+        help="defaults of the flags marked 'recipe' (tpm-fast / authors) and of dropouts, initialization, weight decay "
+        "on 1-D parameters and model selection: authors = the authors' run.py (README: Where we differ)",
+    )
+    g.add_argument("--batch-size", type=int, help="posts per rank and micro-batch (recipe: 16 / 8)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--eval-batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, help="BERT/ViT learning rate (default 5e-5 pretrained, 1e-3 tiny)")
-    g.add_argument("--head-lr", type=float, default=1e-3, help="prefix, temporal, emission and CRF learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup-ratio", type=float, default=0.1)
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--lr", type=float, help="BERT/ViT learning rate (recipe: 5e-5 pretrained, 1e-3 tiny / 5e-5)")
+    g.add_argument(
+        "--head-lr", type=float, help="prefix, temporal, emission and CRF learning rate (recipe: 1e-3 / 5e-5)"
+    )
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (recipe: 0.01, not on 1-D parameters / 0.01)")
+    g.add_argument("--warmup-ratio", type=float, help="share of steps with linear warm-up (recipe: 0.1 / 0.01)")
+    g.add_argument("--grad-clip", type=float, help="gradient-norm clipping, 0: none (recipe: 1.0 / 0)")
+    g.add_argument("--seed", type=int, help="(recipe: 42 / 1234)")
     g.add_argument(
         "--zero-stage",
         default="auto",
@@ -144,9 +159,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    given = given_flags(p, argv)
+    args.recipe_settings = apply_recipe(args, given)  # defaults of the flags not given, and the settings without one
     args.ds_config = None  # the --deepspeed_config file's settings, once read
     if args.deepspeed_config:
-        args.ds_config = read_deepspeed_config(args.deepspeed_config, args, given_flags(p, argv))
+        args.ds_config = read_deepspeed_config(args.deepspeed_config, args, given)
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint OUTPUT/best_model.pt")
     if args.checkpoint and not Path(args.checkpoint).is_file():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import train
-from tpm_fast.config import BASE, GRADIENT_CLIPPING, deepspeed_config
+from tpm_fast.config import BASE, deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,10 +26,10 @@ def parse(tmp_path, config: dict | None, *flags: str):
 @pytest.mark.parametrize("stage", ["0", "1", "2", "3"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_built_in_config(stage, precision):
-    config = deepspeed_config(stage, 8, 2, 3, precision)
+    config = deepspeed_config(stage, 8, 2, 3, precision, 1.0)
     assert config["train_micro_batch_size_per_gpu"] == 8 and config["gradient_accumulation_steps"] == 2
     assert config["zero_optimization"] == {"stage": int(stage)}
-    assert config["gradient_clipping"] == GRADIENT_CLIPPING and config["bf16"]["enabled"] == (precision == "bf16")
+    assert config["gradient_clipping"] == 1.0 and config["bf16"]["enabled"] == (precision == "bf16")
     assert config.get("fp16", {}).get("enabled", False) == (precision == "fp16")
     if precision == "fp16":
         assert config["fp16"]["loss_scale"] == 0  # dynamic loss scaling
@@ -46,7 +46,8 @@ def test_file_settings_become_the_runs(tmp_path):
     }
     args = parse(tmp_path, user)
     assert (args.batch_size, args.grad_accum, args.zero_stage, args.precision) == (6, 3, "2", "bf16")
-    config = deepspeed_config(args.zero_stage, args.batch_size, args.grad_accum, 2, args.precision, args.ds_config)
+    resolved = (args.zero_stage, args.batch_size, args.grad_accum, 2, args.precision, args.grad_clip)
+    config = deepspeed_config(*resolved, args.ds_config)
     assert config["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # the user's other settings kept
     assert config["gradient_clipping"] == 0.5 and config["bf16"]["enabled"] and user["zero_optimization"]["stage"] == 2
     # flags that agree with the file are fine; a file without a stage still means the DeepSpeed engine
@@ -83,8 +84,8 @@ def test_unreadable_files_are_refused(tmp_path):
 
 def test_global_batch_must_match():
     with pytest.raises(SystemExit, match="train_batch_size 32 is not 4 posts x 2 micro-batches x 2 rank"):
-        deepspeed_config("1", 4, 2, 2, "fp32", {"train_batch_size": 32})
-    assert deepspeed_config("1", 4, 2, 2, "fp32", {"train_batch_size": 16})["train_batch_size"] == 16
+        deepspeed_config("1", 4, 2, 2, "fp32", 0.0, {"train_batch_size": 32})
+    assert deepspeed_config("1", 4, 2, 2, "fp32", 0.0, {"train_batch_size": 16})["train_batch_size"] == 16
 
 
 @pytest.mark.parametrize("flags", [["--fp16", "--bf16"], ["--precision", "bf16", "--fp16"], ["--zero-stage", "4"]])

@@ -1,5 +1,5 @@
 """The DeepSpeed configuration of a run: built from ``train.py``'s flags, or read from the user's ``--deepspeed_config``
-file, whose batch size, accumulation, precision, ZeRO stage and clipping then become the run's (flags that say
+file, whose batch size, accumulation, precision, ZeRO stage and gradient clipping then become the run's (flags that say
 otherwise are refused, not silently overridden)."""
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ FROM_FILE = (
     (("zero_optimization", "stage"), "--zero-stage", "zero_stage"),
 )
 OWN_SECTIONS = ("optimizer", "scheduler")  # train.py builds these (two learning rates, warm-up then linear decay)
-GRADIENT_CLIPPING = 1.0
 BASE = {
     "zero_allow_untested_optimizer": True,  # torch's AdamW, with the parameter groups train.py makes
     "steps_per_print": 1_000_000,
@@ -77,6 +76,13 @@ def read_deepspeed_config(path: str, args: argparse.Namespace, given: set[str]) 
         if dest in given and getattr(args, dest) != value:
             raise SystemExit(f"{flag} {getattr(args, dest)} contradicts {where} ({'.'.join(keys)} {value}): give one")
         setattr(args, dest, value)
+    clip = config.get("gradient_clipping")
+    if clip is not None:
+        if not isinstance(clip, (int, float)) or clip < 0:
+            raise SystemExit(f"{where}: gradient_clipping {clip!r}: must be a number >= 0")
+        if "grad_clip" in given and args.grad_clip != clip:
+            raise SystemExit(f"--grad-clip {args.grad_clip} contradicts {where} (gradient_clipping {clip}): give one")
+        args.grad_clip = clip
     fp16, bf16 = (bool(_get(config, (k, "enabled"))) for k in ("fp16", "bf16"))
     if fp16 and bf16:
         raise SystemExit(f"{where}: fp16 and bf16 are both enabled: enable one")
@@ -93,10 +99,10 @@ def read_deepspeed_config(path: str, args: argparse.Namespace, given: set[str]) 
 
 
 def deepspeed_config(
-    stage: str, batch_size: int, grad_accum: int, world: int, precision: str, user: dict | None = None
+    stage: str, batch_size: int, grad_accum: int, world: int, precision: str, clip: float, user: dict | None = None
 ) -> dict:
     """The config handed to ``deepspeed.initialize``: the user's file (``user``) or the built-in one, with the run's
-    ZeRO stage, micro-batch, accumulation and precision filled in.
+    ZeRO stage, micro-batch, accumulation, precision and gradient clipping (``clip``, 0: none) filled in.
 
     Returns:
         A new dict (``user`` is not changed).
@@ -104,7 +110,7 @@ def deepspeed_config(
     Raises:
         SystemExit: the user's ``train_batch_size`` is not micro-batch x accumulation x ranks.
     """
-    config = copy.deepcopy(user) if user is not None else dict(BASE, gradient_clipping=GRADIENT_CLIPPING)
+    config = copy.deepcopy(user) if user is not None else dict(BASE)
     global_batch = batch_size * grad_accum * world
     if config.get("train_batch_size", global_batch) != global_batch:
         raise SystemExit(
@@ -112,6 +118,7 @@ def deepspeed_config(
             f"{grad_accum} micro-batches x {world} rank(s) = {global_batch}: fix it or leave it out"
         )
     config.update(train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=grad_accum)
+    config["gradient_clipping"] = clip
     config.setdefault("zero_optimization", {})["stage"] = int(stage)
     config["bf16"] = dict(config.get("bf16", {}), enabled=precision == "bf16")
     if precision == "fp16":  # dynamic loss scaling: overflowing steps are skipped and the scale lowered

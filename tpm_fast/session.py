@@ -9,7 +9,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import deepspeed
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, BertTokenizer
 
-from tpm_fast.config import GRADIENT_CLIPPING, deepspeed_config
+from tpm_fast.config import deepspeed_config
 from tpm_fast.data.cache import CachedImages, ImageCache
 from tpm_fast.data.dali import DaliImages
 from tpm_fast.data.dataset import MNERDataset
@@ -30,6 +30,7 @@ from tpm_fast.flops import padding_share, peak_flops
 from tpm_fast.info import summary as backend_summary
 from tpm_fast.model import TPMMI, TPMConfig, build_model
 from tpm_fast.plain_engine import PlainEngine
+from tpm_fast.record import fingerprint
 from tpm_fast.runtime import (
     choose_bucketing,
     choose_image_loader,
@@ -52,6 +53,8 @@ class Session:
         tokenizer, spec, max_len, image_mode: the text and image processing (an ``--eval-only`` run takes them from
             the exported model, ``model``).
         source: where images come from (None in text mode).
+        choices: what was chosen for the machine, and why (name -> [choice, why]; the run record's ``choices``).
+        data: the data's fingerprint (:func:`tpm_fast.record.fingerprint`; rank 0 only).
     """
 
     args: argparse.Namespace
@@ -68,6 +71,8 @@ class Session:
     image_mode: str
     source: ImageSource | None
     model: TPMMI | None = None
+    choices: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
 
     @property
     def out(self) -> Path:
@@ -193,8 +198,11 @@ def prepare(args: argparse.Namespace) -> Session:
     progress = rank == 0 and not args.no_progress
     where = dict(device=device, cache_dir=args.image_cache, posts=posts, rank=rank, progress=progress)
     source = image_source(loader, spec, image_threads, where, say)
+    choices = {"image_loader": [loader, why_loader], "image_threads": [image_threads, why_image_threads],
+               "compute_threads": [threads, why_threads]}  # fmt: skip
+    data = fingerprint({s: layout.split_file(s) for s in posts}, posts) if rank == 0 else {}
     return Session(args, rank, world, device, say, progress, posts, stats, tokenizer, spec, max_len, image_mode,
-                   source, model)  # fmt: skip
+                   source, model, choices, data)  # fmt: skip
 
 
 @dataclass
@@ -221,7 +229,7 @@ class Training:
 def build_training(s: Session) -> Training:
     """Build the model, choose precision, ZeRO stage and batching, and wrap model and optimizer in the engine
     (DeepSpeed ZeRO, or ``PlainEngine`` where ZeRO has nothing to partition)."""
-    args = s.args
+    args, recipe = s.args, s.args.recipe_settings
     pretrained = bool(args.bert_model)
     config = TPMConfig(
         image_mode=args.image_mode,
@@ -230,6 +238,9 @@ def build_training(s: Session) -> Training:
         prefix_hidden=args.prefix_hidden or (1024 if pretrained else 256),
         temporal_ffn=2048 if pretrained else 256,
         shift_positions=not args.no_shift_positions,
+        prefix_dropout=recipe.prefix_dropout,
+        emission_dropout=recipe.emission_dropout,
+        temporal_init_std=recipe.temporal_init_std,
     )
     model = build_model(config, len(s.tokenizer), args.bert_model, args.vit_model)
     model.backend = args.backend
@@ -258,6 +269,7 @@ def build_training(s: Session) -> Training:
     share = padding_share(model, lengths, images, args.batch_size, packed=s.device.type == "cpu")  # CPU: BERT packs
     bucket, why_bucket = choose_bucketing(args.bucket, share)
     s.say(f"batches: {'length-bucketed' if bucket else 'random'} ({why_bucket})")
+    s.choices.update(precision=[precision, why_precision], zero_stage=[stage, why_stage], bucket=[bucket, why_bucket])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)  # the compute dtype
     train_loader = s.feed(train_data, args.batch_size, shuffle=True, bucket=bucket, dtype=dtype)
     dev_loader = s.feed(s.dataset("val"), args.eval_batch_size, dtype=dtype)
@@ -267,12 +279,14 @@ def build_training(s: Session) -> Training:
                          "step there; use --zero-stage 1 or 2 (or off on one rank)")  # fmt: skip
     total_steps = args.epochs * -(-len(train_loader) // args.grad_accum)  # optimizer steps, not micro-batches
     optimizer, schedule = optimizer_and_schedule(
-        model.to(s.device), lr, args.head_lr, args.weight_decay, total_steps, args.warmup_ratio, not args.no_fused_adamw
-    )
+        model.to(s.device), lr, args.head_lr, args.weight_decay, total_steps, args.warmup_ratio,
+        fused=not args.no_fused_adamw, decay_1d=recipe.decay_1d,
+    )  # fmt: skip
     if stage == "off":  # bf16 = bf16 weights with fp32 master weights, as DeepSpeed's bf16
-        engine = PlainEngine(model, optimizer, schedule, GRADIENT_CLIPPING, dtype=dtype)
+        engine = PlainEngine(model, optimizer, schedule, args.grad_clip, dtype=dtype)
     else:
-        config = deepspeed_config(stage, args.batch_size, args.grad_accum, s.world, precision, args.ds_config)
+        config = deepspeed_config(stage, args.batch_size, args.grad_accum, s.world, precision, args.grad_clip,
+                                  args.ds_config)  # fmt: skip
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
     if args.compile:  # dynamic shapes: one graph for the varying batch lengths; the CRF stays eager
         model.emission_scores = torch.compile(model.emission_scores, dynamic=True)
