@@ -22,31 +22,42 @@ image loader (DALI on a GPU, else the decoded-image cache given ``--image-cache`
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import deepspeed
 
 from tpm_fast import session, trainer
+from tpm_fast.config import given_flags, read_deepspeed_config
 from tpm_fast.data.readers import DataFormatError
 from tpm_fast.model import IMAGE_MODES
 from tpm_fast.ops.backend import BACKENDS
+from tpm_fast.recipe import RECIPES, apply_recipe
 from tpm_fast.runtime import BUCKETING, IMAGE_LOADERS, PRECISIONS, ZERO_STAGES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", help="dataset folder (default: the embedded synthetic corpus, made on first use)")
+    g.add_argument(
+        "--data-dir",
+        help="dataset folder, flat or as downloaded (the authors' Dataset/, UMT's data/; README: Getting the data); "
+        "default: the embedded synthetic corpus, made on first use",
+    )
     g.add_argument(
         "--dataset",
         default="MI",
         choices=["MI", "UNI", "twitter2015", "twitter2017"],
         help="MI: MNER-MI_*.txt; UNI: MNER-UNI_*.txt (MNER-MI-Plus); twitter*: CoNLL {train,valid,test}.txt",
     )
-    g.add_argument("--image-dir", help="image folder (default DATA/images)")
+    g.add_argument(
+        "--image-dir",
+        help="image folder (default DATA/images; for TWITTER the first of DATA/images, DATA/<dataset>_images, "
+        "DATA/../<dataset>_images that exists)",
+    )
     g.add_argument("--twitter2017-image-dir", help="TWITTER-2017 images of MNER-UNI (default DATA/twitter2017_images)")
     g.add_argument("--limit", type=int, help="use only the first N posts of each split (quick trials)")
-    g.add_argument("--max-seq-length", type=int, default=128, help="word pieces per post, with [CLS] and [SEP]")
+    g.add_argument("--max-seq-length", type=int, help="word pieces per post, with [CLS] and [SEP] (recipe: 128 / 64)")
     g.add_argument(
         "--image-loader",
         default="auto",
@@ -59,8 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--bert-model", help="local BERT folder (e.g. bert-base-uncased); default: tiny BERT from scratch")
     g.add_argument("--vit-model", help="local ViT folder (e.g. vit-base-patch16-224); default: tiny ViT from scratch")
     g.add_argument("--image-mode", default="multi", choices=IMAGE_MODES, help="text: BERT-CRF; first: first image")
-    g.add_argument("--image-padding", default="zero_feature", choices=["zero_feature", "zero_pixel"])
-    g.add_argument("--image-feature", default="cls", choices=["cls", "pooler"])
+    g.add_argument(
+        "--image-padding",
+        choices=["zero_feature", "zero_pixel"],
+        help="empty slots (recipe: zero_feature / zero_pixel)",
+    )
+    g.add_argument("--image-feature", choices=["cls", "pooler"], help="ViT feature (recipe: cls / pooler)")
     g.add_argument("--prefix-hidden", type=int, help="prefix MLP width (default 1024; 256 for the tiny models)")
     g.add_argument("--no-shift-positions", action="store_true", help="token positions start at 0, not at m")
     g.add_argument(
@@ -72,29 +87,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=15)
-    g.add_argument("--batch-size", type=int, default=16, help="posts per rank and micro-batch")
+    g.add_argument(
+        "--recipe",
+        default="tpm-fast",
+        choices=RECIPES,
+        help="defaults of the flags marked 'recipe' (tpm-fast / authors) and of dropouts, initialization, weight decay "
+        "on 1-D parameters and model selection: authors = the authors' run.py (README: Where we differ)",
+    )
+    g.add_argument("--batch-size", type=int, help="posts per rank and micro-batch (recipe: 16 / 8)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--eval-batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, help="BERT/ViT learning rate (default 5e-5 pretrained, 1e-3 tiny)")
-    g.add_argument("--head-lr", type=float, default=1e-3, help="prefix, temporal, emission and CRF learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup-ratio", type=float, default=0.1)
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--lr", type=float, help="BERT/ViT learning rate (recipe: 5e-5 pretrained, 1e-3 tiny / 5e-5)")
+    g.add_argument(
+        "--head-lr", type=float, help="prefix, temporal, emission and CRF learning rate (recipe: 1e-3 / 5e-5)"
+    )
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (recipe: 0.01, not on 1-D parameters / 0.01)")
+    g.add_argument("--warmup-ratio", type=float, help="share of steps with linear warm-up (recipe: 0.1 / 0.01)")
+    g.add_argument("--grad-clip", type=float, help="gradient-norm clipping, 0: none (recipe: 1.0 / 0)")
+    g.add_argument("--seed", type=int, help="(recipe: 42 / 1234)")
     g.add_argument(
         "--zero-stage",
         default="auto",
         choices=ZERO_STAGES,
-        help="DeepSpeed ZeRO stage (configs/zero{N}.json; 0 = plain data parallel); off = no DeepSpeed engine (one "
-        "rank); auto = off on one rank, else chosen by model size",
+        help="DeepSpeed ZeRO stage (0 = plain data parallel); off = no DeepSpeed engine (one rank); auto = off on one "
+        "rank, else chosen by model size",
     )
     g.add_argument(
+        "--deepspeed_config",
+        metavar="FILE",
+        help="a DeepSpeed JSON config (DeepSpeed's own flag): its micro-batch, accumulation, precision, ZeRO stage, "
+        "clipping and other settings become the run's; train.py builds the optimizer and schedule",
+    )
+    one = g.add_mutually_exclusive_group()
+    one.add_argument(
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="bf16 = bf16 weights with fp32 master weights (as DeepSpeed's bf16); auto = bf16 where the hardware has "
-        "it and the model is large enough to gain",
+        help="bf16 = bf16 weights with fp32 master weights (as DeepSpeed's bf16); fp16 = DeepSpeed's fp16 with dynamic "
+        "loss scaling (GPUs without bf16); auto = bf16 where the hardware has it and the model is large enough to gain",
     )
-    g.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="same as --precision bf16")
+    one.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="same as --precision bf16")
+    one.add_argument("--fp16", action="store_const", const="fp16", dest="precision", help="same as --precision fp16")
     g.add_argument(
         "--bucket",
         default="auto",
@@ -125,7 +158,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--debug", action="store_true", help="show the traceback of data errors (else one line)")
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    given = given_flags(p, argv)
+    args.recipe_settings = apply_recipe(args, given)  # defaults of the flags not given, and the settings without one
+    args.ds_config = None  # the --deepspeed_config file's settings, once read
+    if args.deepspeed_config:
+        args.ds_config = read_deepspeed_config(args.deepspeed_config, args, given)
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint OUTPUT/best_model")
     if args.checkpoint and not Path(args.checkpoint).exists():

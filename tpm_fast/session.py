@@ -4,13 +4,12 @@ optimizer and the engine (:func:`build_training`). Each step says what it chose,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import deepspeed
@@ -18,18 +17,20 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, BertTokenizer
 
+from tpm_fast.config import deepspeed_config
 from tpm_fast.data.cache import CachedImages, ImageCache
 from tpm_fast.data.dali import DaliImages
 from tpm_fast.data.dataset import MNERDataset
 from tpm_fast.data.feed import ImageFeed, ImageSource, PILImages
 from tpm_fast.data.images import MAX_IMAGES, ImageSpec, ImageStats
-from tpm_fast.data.readers import Post, load_split
+from tpm_fast.data.readers import Post, load_split, resolve_layout
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
 from tpm_fast.engine import load_exported, make_loader, optimizer_and_schedule
 from tpm_fast.flops import padding_share, peak_flops
 from tpm_fast.info import summary as backend_summary
 from tpm_fast.model import TPMMI, TPMConfig, build_model
 from tpm_fast.plain_engine import PlainEngine
+from tpm_fast.record import fingerprint
 from tpm_fast.runtime import (
     choose_bucketing,
     choose_image_loader,
@@ -38,8 +39,6 @@ from tpm_fast.runtime import (
     choose_zero_stage,
     configure_threads,
 )
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -54,6 +53,8 @@ class Session:
         tokenizer, spec, max_len, image_mode: the text and image processing (an ``--eval-only`` run takes them from
             the exported model, ``model``).
         source: where images come from (None in text mode).
+        choices: what was chosen for the machine, and why (name -> [choice, why]; the run record's ``choices``).
+        data: the data's fingerprint (:func:`tpm_fast.record.fingerprint`; rank 0 only).
     """
 
     args: argparse.Namespace
@@ -70,6 +71,8 @@ class Session:
     image_mode: str
     source: ImageSource | None
     model: TPMMI | None = None
+    choices: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
 
     @property
     def out(self) -> Path:
@@ -180,9 +183,10 @@ def prepare(args: argparse.Namespace) -> Session:
         except ValueError as e:
             raise SystemExit(f"--vit-model: {e}") from None
         max_len, image_mode = args.max_seq_length, args.image_mode
-    image_dir = Path(args.image_dir) if args.image_dir else data_dir / "images"
-    if image_mode != "text" and not image_dir.is_dir():
-        say(f"warning: image folder {image_dir} does not exist: every image slot stays empty (see --image-dir)")
+    layout = resolve_layout(data_dir, dataset, **folders)
+    if image_mode != "text" and not layout.image_dir.is_dir():
+        tried = ", ".join(str(d) for d in layout.image_dirs_tried)
+        say(f"warning: no image folder (looked at {tried}): every image slot stays empty (see --image-dir)")
     try:
         loader, why_loader = choose_image_loader(args.image_loader, image_mode, device, args.image_cache)
     except ValueError as e:
@@ -194,8 +198,11 @@ def prepare(args: argparse.Namespace) -> Session:
     progress = rank == 0 and not args.no_progress
     where = dict(device=device, cache_dir=args.image_cache, posts=posts, rank=rank, progress=progress)
     source = image_source(loader, spec, image_threads, where, say)
+    choices = {"image_loader": [loader, why_loader], "image_threads": [image_threads, why_image_threads],
+               "compute_threads": [threads, why_threads]}  # fmt: skip
+    data = fingerprint({s: layout.split_file(s) for s in posts}, posts) if rank == 0 else {}
     return Session(args, rank, world, device, say, progress, posts, stats, tokenizer, spec, max_len, image_mode,
-                   source, model)  # fmt: skip
+                   source, model, choices, data)  # fmt: skip
 
 
 @dataclass
@@ -222,7 +229,7 @@ class Training:
 def build_training(s: Session) -> Training:
     """Build the model, choose precision, ZeRO stage and batching, and wrap model and optimizer in the engine
     (DeepSpeed ZeRO, or ``PlainEngine`` where ZeRO has nothing to partition)."""
-    args = s.args
+    args, recipe = s.args, s.args.recipe_settings
     pretrained = bool(args.bert_model)
     config = TPMConfig(
         image_mode=args.image_mode,
@@ -231,6 +238,9 @@ def build_training(s: Session) -> Training:
         prefix_hidden=args.prefix_hidden or (1024 if pretrained else 256),
         temporal_ffn=2048 if pretrained else 256,
         shift_positions=not args.no_shift_positions,
+        prefix_dropout=recipe.prefix_dropout,
+        emission_dropout=recipe.emission_dropout,
+        temporal_init_std=recipe.temporal_init_std,
     )
     model = build_model(config, len(s.tokenizer), args.bert_model, args.vit_model)
     model.backend = args.backend
@@ -241,8 +251,11 @@ def build_training(s: Session) -> Training:
             f"the image processor resizes to {s.spec.size} px but the ViT takes {model.config.vit['image_size']}"
         )
     n_params = sum(p.numel() for p in model.parameters())
-    precision, why_precision = choose_precision(args.precision, s.device, model.bert.config.hidden_size)
-    stage, why_stage = choose_zero_stage(args.zero_stage, s.world, n_params, s.device, precision)
+    try:
+        precision, why_precision = choose_precision(args.precision, s.device, model.bert.config.hidden_size)
+        stage, why_stage = choose_zero_stage(args.zero_stage, s.world, n_params, s.device, precision)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     s.say(f"engine: {'no DeepSpeed engine' if stage == 'off' else f'DeepSpeed ZeRO-{stage}'} ({why_stage}); "
           f"{precision} ({why_precision})")  # fmt: skip
     if stage == "off" and s.world > 1:
@@ -256,27 +269,25 @@ def build_training(s: Session) -> Training:
     share = padding_share(model, lengths, images, args.batch_size, packed=s.device.type == "cpu")  # CPU: BERT packs
     bucket, why_bucket = choose_bucketing(args.bucket, share)
     s.say(f"batches: {'length-bucketed' if bucket else 'random'} ({why_bucket})")
-    bf16 = precision == "bf16"
-    image_dtype = torch.bfloat16 if bf16 else torch.float32  # the compute dtype of pixel_values
-    train_loader = s.feed(train_data, args.batch_size, shuffle=True, bucket=bucket, dtype=image_dtype)
-    dev_loader = s.feed(s.dataset("val"), args.eval_batch_size, dtype=image_dtype)
+    s.choices.update(precision=[precision, why_precision], zero_stage=[stage, why_stage], bucket=[bucket, why_bucket])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)  # the compute dtype
+    train_loader = s.feed(train_data, args.batch_size, shuffle=True, bucket=bucket, dtype=dtype)
+    dev_loader = s.feed(s.dataset("val"), args.eval_batch_size, dtype=dtype)
     lr = args.lr or (5e-5 if pretrained else 1e-3)
     if args.grad_accum > 1 and stage in ("0", "3"):
         raise SystemExit(f"--grad-accum {args.grad_accum} under ZeRO-{stage}: DeepSpeed could not skip a non-finite "
                          "step there; use --zero-stage 1 or 2 (or off on one rank)")  # fmt: skip
     total_steps = args.epochs * -(-len(train_loader) // args.grad_accum)  # optimizer steps, not micro-batches
     optimizer, schedule = optimizer_and_schedule(
-        model.to(s.device), lr, args.head_lr, args.weight_decay, total_steps, args.warmup_ratio, not args.no_fused_adamw
-    )
-    ds_config = json.loads((CONFIGS / f"zero{1 if stage == 'off' else stage}.json").read_text())
+        model.to(s.device), lr, args.head_lr, args.weight_decay, total_steps, args.warmup_ratio,
+        fused=not args.no_fused_adamw, decay_1d=recipe.decay_1d,
+    )  # fmt: skip
     if stage == "off":  # bf16 = bf16 weights with fp32 master weights, as DeepSpeed's bf16
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        engine = PlainEngine(model, optimizer, schedule, ds_config["gradient_clipping"], dtype=dtype)
+        engine = PlainEngine(model, optimizer, schedule, args.grad_clip, dtype=dtype)
     else:
-        ds_config["train_micro_batch_size_per_gpu"] = args.batch_size
-        ds_config["gradient_accumulation_steps"] = args.grad_accum
-        ds_config["bf16"] = {"enabled": bf16}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+        config = deepspeed_config(stage, args.batch_size, args.grad_accum, s.world, precision, args.grad_clip,
+                                  args.ds_config)  # fmt: skip
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
     if args.compile:  # dynamic shapes: one graph for the varying batch lengths; the CRF stays eager
         model.emission_scores = torch.compile(model.emission_scores, dynamic=True)
     s.say(

@@ -4,7 +4,9 @@ checkpoint and export, score the test set. Every rank calls each of them; record
 from __future__ import annotations
 
 import json
+import math
 import time
+from pathlib import Path
 
 import deepspeed
 from tqdm import tqdm
@@ -25,6 +27,7 @@ from tpm_fast.export import update_card
 from tpm_fast.flops import step_flops
 from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.plain_engine import CHECKPOINT_FILE
+from tpm_fast.record import device_info, differences, read_record, run_record, write_record
 from tpm_fast.session import Session, Training
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates (each reads the loss on the host: a sync on GPU)
@@ -42,8 +45,20 @@ def refuse_other_run(out, resume: bool) -> None:
         )
 
 
+def warn_if_data_changed(s: Session, recorded: dict, what: str) -> None:
+    """Warn, naming each file, where this run's data differs from the data of a run record."""
+    for line in differences(recorded.get("data", {}), s.data):
+        s.say(f"warning: not the data {what}: {line}")
+
+
 def evaluate_only(s: Session) -> None:
-    """``--eval-only``: score the exported model on the dev and test sets (its fp32 weights, as the run did)."""
+    """``--eval-only``: score the exported model on the dev and test sets (its fp32 weights, as the run did); warns
+    when the data differs from what the model's run recorded (``run.json`` beside or in the export)."""
+    exported = Path(s.args.checkpoint)
+    recorded = read_record(exported) if exported.is_dir() else None
+    recorded = recorded or read_record(exported.parent)
+    if s.rank == 0 and recorded:
+        warn_if_data_changed(s, recorded, "the model was trained and scored on")
     for split in ("val", "test"):
         scores = evaluate(s.model, s.feed(s.dataset(split), s.args.eval_batch_size), progress=s.progress)
         s.say(f"{split}: {format_scores(scores)}")
@@ -127,6 +142,10 @@ def start(s: Session, t: Training) -> tuple[TrainState, GuardedSteps, checkpoint
         state, rng = resumed
     if s.rank == 0:
         checkpoint.clear_staging(s.out / "checkpoints")
+        recorded = read_record(s.out) if s.args.resume else None
+        if recorded:
+            warn_if_data_changed(s, recorded, "the run was started on")
+        write_record(s.out, run_record(s.args, s.choices, device_info(s.device, s.world), s.data))
     deepspeed.comm.barrier()
     stop, steps = checkpoint.StopRequest(), GuardedSteps(t.engine, s.args.grad_accum)
     if rng is not None:  # last: setting up the resumed run drew from the generators
@@ -138,7 +157,8 @@ def train_epoch(s: Session, t: Training, state: TrainState, epoch: int, steps: G
                 stop: checkpoint.StopRequest) -> dict:  # fmt: skip
     """Train epoch ``epoch`` from batch ``state.batch`` on: a step record per optimizer step, checkpoints every
     ``--save-every`` steps; SIGTERM checkpoints the step and exits with 143; ``--max-bad-steps`` non-finite steps in
-    a row stop the run.
+    a row stop the run (under fp16, a step DeepSpeed's loss scaler skips for overflowing gradients of a finite loss
+    is logged with ``loss_scale_overflow`` and not counted there: the scaler lowers the scale and goes on).
 
     Returns:
         {"seconds", "posts", "flops"} of this process's share of the epoch (posts and FLOPs of all ranks).
@@ -170,15 +190,19 @@ def train_epoch(s: Session, t: Training, state: TrainState, epoch: int, steps: G
             continue
         value, applied = done
         state.step += 1
+        overflow = not applied and t.precision == "fp16" and math.isfinite(value)  # the loss scale is lowered
         if applied:
             state.bad_steps, state.epoch_steps = 0, state.epoch_steps + 1
             state.epoch_loss += value
+        elif overflow:
+            state.skipped_steps += 1
         else:
             state.bad_steps, state.skipped_steps = state.bad_steps + 1, state.skipped_steps + 1
             s.say(f"warning: step {state.step}: non-finite loss or gradients ({value}): skipped "
                   f"({state.bad_steps} in a row, {state.skipped_steps} in the run)")  # fmt: skip
         if s.rank == 0:
-            append_jsonl(metrics, step_record(state, epoch, value, applied, t.schedule.get_last_lr()))
+            record = step_record(state, epoch, value, applied, t.schedule.get_last_lr())
+            append_jsonl(metrics, dict(record, loss_scale_overflow=True) if overflow else record)
         if state.bad_steps >= args.max_bad_steps:
             newest = checkpoint.newest_complete(ckpt_dir, s.say)
             raise SystemExit(
@@ -212,7 +236,7 @@ def end_epoch(s: Session, t: Training, state: TrainState, epoch: int, work: dict
     """
     args, seconds = s.args, work["seconds"]
     dev = evaluate(t.model, t.dev_loader, desc="dev", progress=s.progress)
-    better = dev["f1"] > state.best_f1
+    better = dev["f1"] > state.best_f1 or args.recipe_settings.select_ties and dev["f1"] == state.best_f1
     if better:
         state.best_f1, state.best_epoch, state.best_step = dev["f1"], epoch, state.step
     record = {
