@@ -62,11 +62,16 @@ def test_round_trip_gives_identical_outputs(tmp_path, tokenizer, image_mode):
     model, spec = random_model(seed, image_mode=image_mode), random_spec(seed)
     card = {"data": {"dataset": "synthetic"}, "recipe": {"lr": 3e-3}, "seeds": [seed],
             "scores": {"dev": {"precision": 0.5, "recall": 0.25, "f1": 1 / 3}}}  # fmt: skip
+    (tmp_path / "run.json").write_text(json.dumps({"seed": seed}))
     model.save_pretrained(tmp_path / "export", tokenizer=tokenizer, image_spec=spec, max_seq_length=37, card=card,
-                          training={"step": 12, "epoch": 2})  # fmt: skip
+                          training={"step": 12, "epoch": 2}, files={"run.json": tmp_path / "run.json"})  # fmt: skip
     names = {p.name for p in (tmp_path / "export").iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "tokenizer.json"} <= names
     assert not list(tmp_path.glob(".export*"))  # no temporary folder left beside it
+    assert (tmp_path / "export" / "run.json").read_text() == (tmp_path / "run.json").read_text()
+    with pytest.raises(ValueError, match="cannot add a file named 'config.json'"):
+        model.save_pretrained(tmp_path / "export", tokenizer=tokenizer, image_spec=spec, max_seq_length=37,
+                              files={"config.json": tmp_path / "run.json"})  # fmt: skip
 
     loaded = load_pretrained(tmp_path / "export")
     assert loaded.model.config == model.config and not loaded.model.training
@@ -240,3 +245,5 @@ def test_run_export_scores_the_runs_test_f1_in_a_fresh_process(tmp_path):
     assert 0 < scores["f1"] and scores["f1"] == result["test_f1"]
     assert (scores["precision"], scores["recall"]) == (result["test_precision"], result["test_recall"])
     assert read_info(tmp_path / "run" / "best_model")["card"]["scores"]["test"]["f1"] == result["test_f1"]
+    record = (tmp_path / "run" / "run.json").read_text()
+    assert (tmp_path / "run" / "best_model" / "run.json").read_text() == record  # the run record travels along

@@ -253,10 +253,12 @@ def export_model(
     max_seq_length: int,
     path: Path,
     card: dict | None = None,
+    files: dict[str, Path] | None = None,
     **training,
 ) -> Path:
     """Write the export folder ``path`` (:func:`tpm_fast.export.save_pretrained`): config, fp32 ``state_dict``,
-    tokenizer, image settings, model card; ``training`` (e.g. ``epoch``, ``step``) is recorded in its config.
+    tokenizer, image settings, model card, ``files`` (name -> path, copied in); ``training`` (e.g. ``epoch``,
+    ``step``) is recorded in its config.
 
     Everything inference needs is in the folder, none of the pretrained folders the model was trained from.
 
@@ -264,7 +266,7 @@ def export_model(
         ``path``.
     """
     return save_pretrained(model, path, tokenizer=tokenizer, image_spec=spec, max_seq_length=max_seq_length,
-                           state_dict=state_dict, card=card, training=training)  # fmt: skip
+                           state_dict=state_dict, card=card, training=training, files=files)  # fmt: skip
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[TPMMI, object, ImageSpec, int]:

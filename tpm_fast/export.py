@@ -98,6 +98,7 @@ def save_pretrained(
     state_dict: dict[str, torch.Tensor] | None = None,
     card: dict | None = None,
     training: dict | None = None,
+    files: dict[str, Path] | None = None,
 ) -> Path:
     """Write the export folder ``directory`` atomically (complete, or the previous export left as it was).
 
@@ -113,10 +114,18 @@ def save_pretrained(
             text), ``recipe`` (dict), ``seeds`` (list), ``scores`` (``{"dev": {...}, "test": {...}}`` with
             ``precision`` / ``recall`` / ``f1`` in [0, 1]); other keys are listed as they are.
         training: where the weights come from (``{"step": N, "epoch": E}``), kept in ``config.json``.
+        files: more files to copy into the folder, by name (e.g. ``{"run.json": OUTPUT/run.json}``, the run record).
 
     Returns:
         ``directory`` as a Path.
+
+    Raises:
+        ValueError: a name in ``files`` that is one of the export's own files or not a plain file name.
     """
+    own = (CONFIG_FILE, WEIGHTS_FILE, PREPROCESSOR_FILE, CARD_FILE)
+    for name in files or {}:
+        if name in own or Path(name).name != name or name.startswith("tokenizer"):
+            raise ValueError(f"save_pretrained: cannot add a file named {name!r} (the export's own, or not a name)")
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     for stale in directory.parent.glob(f".{directory.name}.tmp-*"):  # left by a writer that was killed
@@ -139,6 +148,8 @@ def save_pretrained(
         _write_json(tmp / CONFIG_FILE, info)
         _write_json(tmp / PREPROCESSOR_FILE, preprocessor_config(image_spec))
         (tmp / CARD_FILE).write_text(render_card(info), encoding="utf-8")
+        for name, source in (files or {}).items():
+            shutil.copyfile(source, tmp / name)
         for path in tmp.iterdir():
             _fsync(path)
     except BaseException:
@@ -314,7 +325,7 @@ def _version() -> str:
 
 
 def _write_json(path: Path, value: dict, atomic: bool = False) -> None:
-    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+    text = json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"  # str: paths and such in a card
     if atomic:
         _write_text_atomically(path, text)
     else:

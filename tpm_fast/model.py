@@ -163,6 +163,7 @@ class TPMMI(nn.Module):
         state_dict: dict[str, Tensor] | None = None,
         card: dict | None = None,
         training: dict | None = None,
+        files: dict[str, Path] | None = None,
     ) -> Path:
         """Write the shareable export folder: :func:`tpm_fast.export.save_pretrained` (which documents the arguments).
 
@@ -173,7 +174,7 @@ class TPMMI(nn.Module):
 
         return save_pretrained(self, directory, tokenizer=tokenizer, image_spec=image_spec,
                                max_seq_length=max_seq_length, state_dict=state_dict, card=card,
-                               training=training)  # fmt: skip
+                               training=training, files=files)  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> TPMMI:

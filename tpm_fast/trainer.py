@@ -3,6 +3,7 @@ checkpoint and export, score the test set. Every rank calls each of them; record
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -27,13 +28,14 @@ from tpm_fast.export import update_card
 from tpm_fast.flops import step_flops
 from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.plain_engine import CHECKPOINT_FILE
-from tpm_fast.record import device_info, differences, read_record, run_record, write_record
+from tpm_fast.record import RUN_FILE, device_info, differences, read_record, run_record, write_record
 from tpm_fast.session import Session, Training
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates (each reads the loss on the host: a sync on GPU)
 EXPORT = "best_model"  # the export folder in OUTPUT (tpm_fast.export)
 NOT_RECIPE = ("output_dir", "resume", "save_every", "keep_checkpoints", "eval_only", "checkpoint", "no_progress",
-              "debug", "local_rank", "data_dir", "dataset", "image_dir", "twitter2017_image_dir", "seed")  # fmt: skip
+              "debug", "local_rank", "data_dir", "dataset", "image_dir", "twitter2017_image_dir", "seed",
+              "ds_config")  # fmt: skip
 
 
 def refuse_other_run(out, resume: bool) -> None:
@@ -82,6 +84,10 @@ def model_card(s: Session, t: Training, dev: dict) -> dict:
     data = {"folder": args.data_dir or "the embedded synthetic corpus", "dataset": args.dataset if args.data_dir
             else "synthetic", "posts": {split: len(p) for split, p in s.posts.items()}}  # fmt: skip
     recipe = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECIPE and v is not None}
+    settings = recipe.pop("recipe_settings", None)  # the --recipe's settings that have no flag (dropouts, init, ...)
+    for key, value in dataclasses.asdict(settings).items() if settings else ():
+        if key not in recipe and key not in NOT_RECIPE:
+            recipe[key] = value
     recipe.update(precision=t.precision, zero_stage=t.stage, ranks=s.world)
     return {"data": data, "recipe": recipe, "seeds": [args.seed], "scores": {"dev": dev}}
 
@@ -98,8 +104,9 @@ def export_best(s: Session, t: Training, state: TrainState, dev: dict | None = N
         best = next((r for r in records if "dev_f1" in r and r["step"] == state.best_step), {"dev_f1": state.best_f1})
         dev = {k: best.get(f"dev_{k}") for k in ("precision", "recall", "f1")}
     dev = {k: dev[k] for k in ("precision", "recall", "f1")}
+    record = {RUN_FILE: s.out / RUN_FILE} if (s.out / RUN_FILE).is_file() else {}  # the run record travels along
     export_model(t.model, weights, s.tokenizer, s.spec, s.max_len, s.out / EXPORT, card=model_card(s, t, dev),
-                 epoch=state.best_epoch, step=state.best_step)  # fmt: skip
+                 files=record, epoch=state.best_epoch, step=state.best_step)  # fmt: skip
 
 
 def resume(s: Session, t: Training) -> tuple[TrainState, dict | None] | None:
