@@ -1,5 +1,6 @@
 """Predictions files, the evaluation report (errors by kind, F1 by images) and the paired randomization test."""
 
+import json
 import random
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from tpm_fast.report import (
     TaggedPost,
     evaluation_report,
     format_report,
+    main,
     post_counts,
     post_errors,
     read_conll,
@@ -162,7 +164,7 @@ def test_report_on_an_empty_image_group_and_its_text():
     assert report["by_images"]["2"]["f1"] == pytest.approx(0.5)
     assert report["error_counts"] == {"missed": 0, "spurious": 0, "wrong_type": 1, "wrong_span": 0}
     text = format_report(report)
-    assert "post 7 (2 images): Kevin in Boston" in text
+    assert "post 7 (images: 2): Kevin in Boston" in text
     assert 'wrong type  gold LOC "Boston" [2,3) -> pred ORG "Boston" [2,3)' in text
 
 
@@ -258,3 +260,15 @@ def test_randomization_is_seeded_and_agrees_with_a_plain_loop():
 def test_randomization_rejects_mismatched_counts():
     with pytest.raises(ValueError, match=r"\(N, 3\)"):
         paired_randomization(np.zeros((3, 3)), np.zeros((4, 3)))
+
+
+def test_report_command_line(tmp_path, capsys):
+    posts = random_posts(9, 20)
+    write_conll(tmp_path / "test.conll", posts)
+    main([str(tmp_path / "test.conll"), "--json", str(tmp_path / "r.json")])
+    report = evaluation_report(posts)
+    assert capsys.readouterr().out == format_report(report, str(tmp_path / "test.conll"))
+    assert json.loads((tmp_path / "r.json").read_text())["f1"] == report["f1"]
+    (tmp_path / "bad.conll").write_text("# id=1 images=1\nw\tO\n")
+    with pytest.raises(SystemExit, match="bad.conll:2: expected"):
+        main([str(tmp_path / "bad.conll")])

@@ -29,10 +29,13 @@ Each entity is counted at most once: exact matches (the true positives) are remo
 pairs, gold entities in reading order, each taking the first unpaired overlapping predicted entity of its own type,
 else of any type. Hence per post: gold entities = true positives + missed + wrong type + wrong span, and predicted
 entities = true positives + spurious + wrong type + wrong span.
+
+    python -m tpm_fast.report runs/default/predictions/test.conll      # the text report of a predictions file
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -269,7 +272,7 @@ def format_report(report: dict, title: str = "") -> str:
     counts = report["error_counts"]
     lines += ["", "errors: " + ", ".join(f"{k.replace('_', ' ')} {counts[k]}" for k in ERROR_KINDS), ""]
     for post in report["errors"]:
-        lines.append(f"post {post['id']} ({post['images']} images): {' '.join(post['words'])}")
+        lines.append(f"post {post['id']} (images: {post['images']}): {' '.join(post['words'])}")
         for e in post["errors"]:
             kind = e["kind"].replace("_", " ")
             if "gold" in e and "pred" in e:
@@ -297,3 +300,21 @@ def write_predictions(folder: str | Path, split: str, posts: list[Post], pred: l
     (folder / f"{split}_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", "utf-8")
     (folder / f"{split}_report.txt").write_text(format_report(report, f"{split}: {folder / f'{split}.conll'}"), "utf-8")
     return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Print the evaluation report of a predictions file (tpm_fast.report).")
+    p.add_argument("predictions", help="a predictions file, e.g. OUTPUT/predictions/test.conll")
+    p.add_argument("--json", help="also write the report as JSON here")
+    args = p.parse_args(argv)
+    try:
+        report = evaluation_report(read_conll(args.predictions))
+    except (DataFormatError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", "utf-8")
+    print(format_report(report, args.predictions), end="")
+
+
+if __name__ == "__main__":
+    main()
