@@ -65,25 +65,61 @@ def test_summary_equals_the_runs_results(two_seeds):
     table = (two_seeds / "summary.md").read_text()
     f1s = [results(two_seeds / f"seed{s}")["test_f1"] * 100 for s in (3, 4)]
     assert f"{statistics.mean(f1s):.2f} ± {statistics.stdev(f1s):.2f}" in table
+    for k, f1 in results(two_seeds / "seed3")["test_f1_by_images"].items():
+        if f1 is not None and results(two_seeds / "seed4")["test_f1_by_images"][k] is not None:
+            values = [results(two_seeds / f"seed{s}")["test_f1_by_images"][k] for s in (3, 4)]
+            assert summary["mean"][f"test_f1_images_{k}"] == pytest.approx(statistics.mean(values))
+    assert "Test F1 by images in the post: " in table
     assert summary["train_args"][:2] == ["--data-dir", summary["train_args"][1]] and "--seed" not in table
 
 
-def test_resume_skips_finished_seeds_resumes_and_restarts_partial_ones(two_seeds, corpus, tmp_path):
+FAKE_TRAIN = """import json, sys
+from pathlib import Path
+out, seed = Path(sys.argv[sys.argv.index("--output-dir") + 1]), int(sys.argv[sys.argv.index("--seed") + 1])
+(out / "argv.json").write_text(json.dumps({"argv": sys.argv[1:], "found": sorted(p.name for p in out.iterdir())}))
+(out / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "dev_precision": 0.5, "dev_recall": 0.5, "dev_f1": 0.5}))
+scores = {"test_precision": seed / 10, "test_recall": seed / 10, "test_f1": seed / 10}
+(out / "results.json").write_text(json.dumps({"seed": seed, "best_epoch": 1, "dev_f1": 0.5, **scores}))
+"""
+
+
+def test_rerun_skips_finished_seeds_resumes_checkpointed_ones_and_restarts_the_rest(two_seeds, tmp_path):
+    script, out = tmp_path / "train.py", tmp_path / "exp"
+    script.write_text(FAKE_TRAIN)  # stands in for train.py: records how it was called
+    shutil.copytree(two_seeds / "seed3", out / "seed1")  # finished
+    shutil.copytree(two_seeds / "seed4", out / "seed2", ignore=shutil.ignore_patterns("results.json"))  # checkpointed
+    (out / "seed3").mkdir()
+    (out / "seed3" / "metrics.jsonl").write_text('{"step": 1}\n')  # stopped before its first checkpoint
+    finished = (out / "seed1" / "results.json").read_text()
+    proc = experiment("--seeds", "4", "--first-seed", "1", "--output-dir", str(out), "--train-script", str(script),
+                      "--", "--epochs", "1")  # fmt: skip
+    assert "seed 1: finished" in proc.stdout and (out / "seed1" / "results.json").read_text() == finished
+    assert not (out / "seed1" / "argv.json").exists()
+    calls = {s: json.loads((out / f"seed{s}" / "argv.json").read_text()) for s in (2, 3, 4)}
+    assert calls[2]["argv"] == ["--epochs", "1", "--seed", "2", "--output-dir", str(out / "seed2"), "--resume"]
+    assert "checkpoints" in calls[2]["found"] and "seed 2: resuming" in proc.stdout
+    assert calls[3]["argv"] == ["--epochs", "1", "--seed", "3", "--output-dir", str(out / "seed3")]
+    assert calls[3]["found"] == ["train.log"]  # the partial run's files were cleared before it started again
+    assert "seed 3: " in proc.stdout and "stopped before its first checkpoint" in proc.stdout
+    assert calls[4]["argv"] == ["--epochs", "1", "--seed", "4", "--output-dir", str(out / "seed4")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["seed"] for r in summary["runs"]] == [3, 2, 3, 4]  # seed1 is a copy of the real seed 3
+    assert summary["mean"]["test_f1"] == pytest.approx(statistics.mean([results(two_seeds / "seed3")["test_f1"],
+                                                                        0.2, 0.3, 0.4]))  # fmt: skip
+
+
+def test_real_resume_of_a_seed_stopped_before_its_test(two_seeds, corpus, tmp_path):
     out = tmp_path / "exp"
     shutil.copytree(two_seeds, out)
-    finished = (out / "seed3" / "results.json").stat().st_mtime_ns
     (out / "seed4" / "results.json").unlink()  # stopped after its last checkpoint, before the final test
-    (out / "seed5").mkdir()
-    (out / "seed5" / "metrics.jsonl").write_text('{"step": 1}\n')  # stopped before its first checkpoint
-    proc = experiment("--seeds", "3", "--first-seed", "3", "--output-dir", str(out), "--", "--data-dir", str(corpus),
+    proc = experiment("--seeds", "2", "--first-seed", "3", "--output-dir", str(out), "--", "--data-dir", str(corpus),
                       *TINY)  # fmt: skip
-    assert "seed 3: finished" in proc.stdout and (out / "seed3" / "results.json").stat().st_mtime_ns == finished
-    assert "seed 4: resuming" in proc.stdout and "resumed from" in (out / "seed4" / "train.log").read_text()
+    assert "seed 3: finished" in proc.stdout and "seed 4: resuming" in proc.stdout
+    assert "resumed from" in (out / "seed4" / "train.log").read_text()
     assert results(out / "seed4") == results(two_seeds / "seed4")  # same checkpoint, same test score
-    assert "seed 5: " in proc.stdout and "stopped before its first checkpoint" in proc.stdout
-    assert [r["seed"] for r in json.loads((out / "summary.json").read_text())["runs"]] == [3, 4, 5]
-    log = [json.loads(line) for line in (out / "seed5" / "metrics.jsonl").read_text().splitlines()]
-    assert log[0] != {"step": 1} and any("final" in r for r in log)
+    assert (out / "summary.json").read_text().replace(str(out), "") == (two_seeds / "summary.json").read_text().replace(
+        str(two_seeds), ""
+    )
 
 
 def test_failing_seed_stops_with_its_error(tmp_path):
@@ -140,3 +176,22 @@ def test_compare_refuses_different_gold(two_seeds, tmp_path):
         compare(two_seeds / "seed3", other)
     with pytest.raises(SystemExit, match="neither a run folder"):
         compare(tmp_path, other)
+
+
+def test_runs_write_predictions_and_eval_only_writes_the_same(two_seeds, corpus, tmp_path):
+    run = two_seeds / "seed3"
+    result, report = results(run), json.loads((run / "predictions" / "test_report.json").read_text())
+    assert result["test_f1"] == report["f1"] and result["test_per_type"] == report["per_type"]
+    assert result["test_f1_by_images"] == {k: row["f1"] for k, row in report["by_images"].items()}
+    assert result["test_error_counts"] == report["error_counts"]
+    assert len(read_conll(run / "predictions" / "val.conll")) == 16  # the dev set of the best model, too
+    out = tmp_path / "eval"
+    cmd = ["train.py", "--data-dir", str(corpus), "--limit", "16", "--eval-only", "--checkpoint",
+           str(run / "best_model.pt"), "--write-predictions", "--output-dir", str(out), "--no-progress"]  # fmt: skip
+    proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("test.conll", "val.conll", "test_report.txt"):
+        assert (out / "predictions" / name).read_text() != ""
+        if name.endswith(".conll"):
+            assert (out / "predictions" / name).read_text() == (run / "predictions" / name).read_text()
+    assert f"test: P={result['test_precision'] * 100:.2f}" in proc.stdout

@@ -12,7 +12,7 @@ Resumable: a seed with a ``results.json`` is finished and skipped, one with a co
 error (run the same command again to go on). DIR/experiment.json keeps the train.py arguments; another command on
 the same DIR is refused. At the end DIR/summary.json and DIR/summary.md hold each seed's dev P/R/F1 (the best
 epoch's, from its ``metrics.jsonl``) and test P/R/F1 (``results.json``), and their mean and sample standard
-deviation over the finished seeds.
+deviation over the finished seeds (also of the test F1 per type and by images in the post).
 
 **Compare** (``compare A B``): A and B are each a run folder (holding ``results.json``) or an experiment folder
 (holding ``seed<S>/results.json``). The test reads each run's ``predictions/<split>.conll`` (written by every final
@@ -161,7 +161,8 @@ def seed_runs(folder: Path) -> dict[int, Path]:
 
 
 def run_row(run: Path) -> dict:
-    """One run's numbers: seed, best epoch, dev P/R/F1 at the best epoch, test P/R/F1, test F1 per type (fractions).
+    """One run's numbers: seed, best epoch, dev P/R/F1 at the best epoch, test P/R/F1, test F1 per type and by
+    images in the post (fractions).
 
     Raises:
         SystemExit: the best epoch has no record in the run's ``metrics.jsonl``.
@@ -179,6 +180,7 @@ def run_row(run: Path) -> dict:
     row.update({k: dev[k] for k in ("dev_precision", "dev_recall", "dev_f1")})
     row.update({k: result[k] for k in ("test_precision", "test_recall", "test_f1")})
     row["test_per_type_f1"] = {k: v["f1-score"] for k, v in sorted(result.get("test_per_type", {}).items())}
+    row["test_f1_by_images"] = result.get("test_f1_by_images", {})  # None for an image count without posts
     return row
 
 
@@ -194,7 +196,8 @@ def summarize(folder: Path) -> dict:
 
     Returns:
         ``{"folder", "train_args", "seeds", "runs": [run_row ...], "mean": {metric: x}, "std": {metric: x or None}}``
-        for the metrics dev/test precision/recall/f1 and ``test_f1_<TYPE>``; std is the sample standard deviation
+        for the metrics dev/test precision/recall/f1, ``test_f1_<TYPE>`` and ``test_f1_images_<k>`` (image counts with
+        test posts in every run); std is the sample standard deviation
         (n - 1), None for one seed.
 
     Raises:
@@ -207,6 +210,10 @@ def summarize(folder: Path) -> dict:
     columns = {m: [r[m] for r in rows] for m in METRICS}
     for kind in sorted({k for r in rows for k in r["test_per_type_f1"]}):
         columns[f"test_f1_{kind}"] = [r["test_per_type_f1"].get(kind, 0.0) for r in rows]
+    for k in sorted({k for r in rows for k in r["test_f1_by_images"]}):
+        values = [r["test_f1_by_images"].get(k) for r in rows]
+        if all(v is not None for v in values):
+            columns[f"test_f1_images_{k}"] = values
     stats = {m: _mean_std(v) for m, v in columns.items()}
     experiment = Path(folder) / EXPERIMENT_FILE
     train_args = json.loads(experiment.read_text())["train_args"] if experiment.is_file() else None
@@ -237,9 +244,15 @@ def format_summary(summary: dict) -> str:
     lines.append(
         f"| mean ± std ({len(summary['runs'])}) | | " + " | ".join(_pm(mean[m], std[m]) for m in METRICS) + " |"
     )
-    types = [m for m in mean if m.startswith("test_f1_")]
+    types = [m for m in mean if m.startswith("test_f1_") and not m.startswith("test_f1_images_")]
     if types:
         lines += ["", "Test F1 per type: " + ", ".join(f"{m[8:]} {_pm(mean[m], std[m])}" for m in types)]
+    images = [m for m in mean if m.startswith("test_f1_images_")]
+    if images:
+        lines += [
+            "",
+            "Test F1 by images in the post: " + ", ".join(f"{m[15:]}: {_pm(mean[m], std[m])}" for m in images),
+        ]
     return "\n".join(lines) + "\n"
 
 
