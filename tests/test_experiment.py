@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
-from tpm_fast.experiment import compare, run_experiment, summarize
+from tpm_fast.experiment import compare, main, run_experiment, summarize
 from tpm_fast.report import read_conll, write_conll
 from tpm_fast.significance import micro_f1
 
@@ -158,6 +158,14 @@ def test_compare_two_real_runs(two_seeds):
     assert itself["pooled"].f1_a == pytest.approx(float(micro_f1(pooled)))
     # a run folder against an experiment: paired with the experiment's run of its seed
     assert list(compare(b, two_seeds, samples=100)) == ["seed 4"]
+
+
+def test_compare_command_line(two_seeds, capsys):
+    main(["compare", str(two_seeds), str(two_seeds / "seed4"), "--samples", "300", "--seed", "1"])
+    out = capsys.readouterr().out
+    f1 = results(two_seeds / "seed4")["test_f1"] * 100
+    assert f"seed 4         16  {f1:6.2f}  {f1:6.2f}   +0.00   1.0000" in out
+    assert "R=300, two-sided" in out and "pooled" not in out
 
 
 def micro_f1_counts(run: Path):

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from tpm_fast.report import TaggedPost, post_counts, read_conll
-from tpm_fast.significance import TestResult, paired_randomization
+from tpm_fast.significance import RandomizationResult, paired_randomization
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT_FILE = "experiment.json"
@@ -319,11 +319,13 @@ def pairs_of(a: Path, b: Path) -> list[tuple[str, Path, Path]]:
     return [(f"seed {s}", runs_a[s], runs_b[s]) for s in common]
 
 
-def compare(a: Path, b: Path, split: str = "test", samples: int = 10000, seed: int = 0) -> dict[str, TestResult]:
+def compare(
+    a: Path, b: Path, split: str = "test", samples: int = 10000, seed: int = 0
+) -> dict[str, RandomizationResult]:
     """Paired randomization tests of A against B on ``split``: each pair of runs, and pooled over the pairs.
 
     Returns:
-        label -> :class:`~tpm_fast.significance.TestResult`; ``"pooled"`` last when there are several pairs.
+        label -> :class:`~tpm_fast.significance.RandomizationResult`; ``"pooled"`` last when there are several pairs.
     """
     results, counts_a, counts_b = {}, [], []
     for label, run_a, run_b in pairs_of(a, b):
@@ -337,7 +339,7 @@ def compare(a: Path, b: Path, split: str = "test", samples: int = 10000, seed: i
     return results
 
 
-def format_comparison(a: Path, b: Path, results: dict[str, TestResult]) -> str:
+def format_comparison(a: Path, b: Path, results: dict[str, RandomizationResult]) -> str:
     """A table: per pair (and pooled) F1 of A and B, their difference and p; ``*`` marks p < 0.05."""
     lines = [f"A = {a}", f"B = {b}", "", "pair        posts  F1 A    F1 B    A - B    p"]
     for label, r in results.items():

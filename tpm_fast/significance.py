@@ -19,7 +19,7 @@ CHUNK_ELEMENTS = 1 << 22  # swap bits per chunk of samples (16 MB as float32): b
 
 
 @dataclass
-class TestResult:
+class RandomizationResult:
     """Outcome of :func:`paired_randomization`.
 
     Attributes:
@@ -53,7 +53,7 @@ def micro_f1(counts: np.ndarray) -> np.ndarray:
     return np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
 
 
-def paired_randomization(a: np.ndarray, b: np.ndarray, samples: int = 10000, seed: int = 0) -> TestResult:
+def paired_randomization(a: np.ndarray, b: np.ndarray, samples: int = 10000, seed: int = 0) -> RandomizationResult:
     """Paired approximate randomization of micro-F1 over posts.
 
     Args:
@@ -63,7 +63,7 @@ def paired_randomization(a: np.ndarray, b: np.ndarray, samples: int = 10000, see
         seed: seed of the numpy generator (same inputs and seed: same p-value).
 
     Returns:
-        :class:`TestResult`.
+        :class:`RandomizationResult`.
     """
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
     if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 3:
@@ -88,4 +88,4 @@ def paired_randomization(a: np.ndarray, b: np.ndarray, samples: int = 10000, see
             moved = np.zeros((r, 3))
         diff = np.abs(micro_f1(total_a + moved) - micro_f1(total_b - moved))
         count += int(np.count_nonzero(diff >= observed - 1e-12))  # ties count (identical systems: p = 1)
-    return TestResult(f1_a, f1_b, f1_a - f1_b, (count + 1) / (samples + 1), samples, len(a), len(delta))
+    return RandomizationResult(f1_a, f1_b, f1_a - f1_b, (count + 1) / (samples + 1), samples, len(a), len(delta))
