@@ -21,6 +21,7 @@ from tpm_fast.engine import (
     export_model,
     format_scores,
     load_exported,
+    predict_tags,
     set_epoch,
     step_record,
 )
@@ -29,6 +30,7 @@ from tpm_fast.flops import step_flops
 from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.plain_engine import CHECKPOINT_FILE
 from tpm_fast.record import RUN_FILE, device_info, differences, read_record, run_record, write_record
+from tpm_fast.report import write_predictions
 from tpm_fast.session import Session, Training
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates (each reads the loss on the host: a sync on GPU)
@@ -53,8 +55,22 @@ def warn_if_data_changed(s: Session, recorded: dict, what: str) -> None:
         s.say(f"warning: not the data {what}: {line}")
 
 
+def predictions(s: Session, model, split: str, desc: str) -> dict:
+    """Decode ``split`` with ``model`` and write OUTPUT/predictions/<split>.conll and its report
+    (:func:`tpm_fast.report.write_predictions`).
+
+    Returns:
+        The report: micro ``precision``/``recall``/``f1`` and ``per_type`` as :func:`~tpm_fast.engine.evaluate`'s,
+        plus ``by_images`` and the error counts.
+    """
+    data = s.dataset(split)
+    pred = predict_tags(model, s.feed(data, s.args.eval_batch_size), desc=desc, progress=s.progress)
+    return write_predictions(s.out / "predictions", split, data.posts, pred)
+
+
 def evaluate_only(s: Session) -> None:
-    """``--eval-only``: score the exported model on the dev and test sets (its fp32 weights, as the run did); warns
+    """``--eval-only``: score the exported model on the dev and test sets (its fp32 weights, as the run did);
+    with ``--write-predictions`` rank 0 also writes their predictions and reports into OUTPUT/predictions. Warns
     when the data differs from what the model's run recorded (``run.json`` beside or in the export)."""
     exported = Path(s.args.checkpoint)
     recorded = read_record(exported) if exported.is_dir() else None
@@ -62,8 +78,13 @@ def evaluate_only(s: Session) -> None:
     if s.rank == 0 and recorded:
         warn_if_data_changed(s, recorded, "the model was trained and scored on")
     for split in ("val", "test"):
-        scores = evaluate(s.model, s.feed(s.dataset(split), s.args.eval_batch_size), progress=s.progress)
+        if s.args.write_predictions and s.rank == 0:
+            scores = predictions(s, s.model, split, split)
+        else:
+            scores = evaluate(s.model, s.feed(s.dataset(split), s.args.eval_batch_size), progress=s.progress)
         s.say(f"{split}: {format_scores(scores)}")
+    if s.args.write_predictions:
+        s.say(f"predictions and reports in {s.out / 'predictions'}")
     s.say(s.stats.summary())
 
 
@@ -279,7 +300,8 @@ def end_epoch(s: Session, t: Training, state: TrainState, epoch: int, work: dict
 
 
 def final_test(s: Session, state: TrainState) -> dict | None:
-    """Rank 0: score the exported best model on the test set; writes ``results.json`` (and a final record).
+    """Rank 0: score the exported best model on the test set; writes ``results.json`` (and a final record), and the
+    test and dev predictions of that model with their reports (OUTPUT/predictions/{test,val}.conll, ``*_report.*``).
 
     Returns:
         The results (None on other ranks).
@@ -289,7 +311,8 @@ def final_test(s: Session, state: TrainState) -> dict | None:
     out, metrics = s.out, s.out / "metrics.jsonl"
     model, *_ = load_exported(out / EXPORT, s.device)
     model.backend = s.args.backend
-    test = evaluate(model, s.feed(s.dataset("test"), s.args.eval_batch_size), desc="test", progress=s.progress)
+    test = predictions(s, model, "test", "test")
+    predictions(s, model, "val", "dev")  # the dev set at the best epoch, to read beside the test set
     result = {
         "best_epoch": state.best_epoch,
         "dev_f1": state.best_f1,
@@ -297,6 +320,8 @@ def final_test(s: Session, state: TrainState) -> dict | None:
         "test_recall": test["recall"],
         "test_f1": test["f1"],
         "test_per_type": test["per_type"],
+        "test_f1_by_images": {k: row["f1"] for k, row in test["by_images"].items()},
+        "test_error_counts": test["error_counts"],
         "image_mode": s.args.image_mode,
         "seed": s.args.seed,
         "step": state.step,
@@ -307,5 +332,5 @@ def final_test(s: Session, state: TrainState) -> dict | None:
     checkpoint.write_atomically(out / "results.json", json.dumps(result, indent=2, sort_keys=True))
     s.say(f"best epoch {state.best_epoch} (dev F1 {state.best_f1 * 100:.2f}); test {format_scores(test)}")
     s.say(s.stats.summary())
-    s.say(f"exported {out / EXPORT}; metrics in {metrics}")
+    s.say(f"exported {out / EXPORT}; metrics in {metrics}; predictions in {out / 'predictions'}")
     return result
