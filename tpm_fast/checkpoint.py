@@ -195,14 +195,14 @@ def save(engine, ckpt_dir: Path, state: TrainState, rank: int, barrier) -> Path:
         (folder / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         for path in files:
-            _fsync(path)
+            fsync(path)
         sizes = {str(p.relative_to(folder)): p.stat().st_size for p in files}
         write_atomically(folder / MANIFEST, json.dumps({"step": state.step, "files": sizes}, indent=1))
         if final.exists():  # the same step again (resumed from an older checkpoint): the new one replaces it
             shutil.rmtree(final)
         folder.replace(final)
         write_atomically(Path(ckpt_dir) / "latest", tag)  # DeepSpeed's pointer to the newest checkpoint
-        _fsync(Path(ckpt_dir))
+        fsync(Path(ckpt_dir))
     barrier()  # committed before any rank goes on
     return final
 
@@ -283,7 +283,8 @@ def cut_log(path: Path, size: int) -> None:
         write_atomically(path, kept.decode("utf-8"))
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') writes to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tpm_fast.checkpoint import fsync, write_atomically
 from tpm_fast.data.images import ImageSpec
 from tpm_fast.model import TPMMI, TPMConfig, load_model
 from tpm_fast.model_card import render_card
@@ -151,7 +152,7 @@ def save_pretrained(
         for name, source in (files or {}).items():
             shutil.copyfile(source, tmp / name)
         for path in tmp.iterdir():
-            _fsync(path)
+            fsync(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -173,7 +174,7 @@ def _replace_folder(new: Path, directory: Path) -> None:
         _remove(old)
         directory.replace(old)
     new.replace(directory)
-    _fsync(directory.parent)
+    fsync(directory.parent)
     if old is not None:
         _remove(old)
 
@@ -199,7 +200,7 @@ def update_card(directory: str | Path, card: dict) -> dict:
         merged[key] = {**merged.get(key, {}), **value} if key == "scores" else value
     info["card"] = merged
     _write_json(directory / CONFIG_FILE, info, atomic=True)
-    _write_text_atomically(directory / CARD_FILE, render_card(info))
+    write_atomically(directory / CARD_FILE, render_card(info))
     return merged
 
 
@@ -327,24 +328,9 @@ def _version() -> str:
 def _write_json(path: Path, value: dict, atomic: bool = False) -> None:
     text = json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"  # str: paths and such in a card
     if atomic:
-        _write_text_atomically(path, text)
+        write_atomically(path, text)
     else:
         path.write_text(text, encoding="utf-8")
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync(tmp)
-    tmp.replace(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> None:
