@@ -16,6 +16,7 @@ rebuilt for CPU only.
 """
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -122,7 +123,7 @@ ext_modules, cmdclass = native_extension()
 
 setup(
     name="tpm-fast",
-    version="0.1.0",
+    version=re.search(r'__version__ = "(.+)"', open("tpm_fast/__init__.py").read()).group(1),
     description="Fast, trustworthy training core for TPM-MI multimodal named-entity recognition",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

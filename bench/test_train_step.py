@@ -172,7 +172,7 @@ def distributed():
     """One rank for deepspeed.initialize (the engine providers), started as train.py starts it."""
     import deepspeed
 
-    from train import init_distributed
+    from tpm_fast.session import init_distributed
 
     if not torch.distributed.is_initialized():
         init_distributed()

@@ -27,10 +27,11 @@ VIT = dict(
     hidden_dropout_prob=0.0,
     attention_probs_dropout_prob=0.0,
 )
+NO_DROPOUT = dict(dropout=0.0, prefix_dropout=0.0, emission_dropout=0.0)
 
 
 def make_config(**kw) -> TPMConfig:
-    return TPMConfig(bert=BERT, vit=VIT, prefix_hidden=24, temporal_heads=2, temporal_ffn=32, dropout=0.0, **kw)
+    return TPMConfig(bert=BERT, vit=VIT, prefix_hidden=24, temporal_heads=2, temporal_ffn=32, **NO_DROPOUT, **kw)
 
 
 def make_batch(image_mask: torch.Tensor, n: int = 9, seed: int = 0) -> dict:
@@ -184,7 +185,7 @@ def test_fast_backends_match_reference(fast):
     if fast == "native" and native_unavailable_reason() is not None:
         pytest.skip(native_unavailable_reason())
     bert = dict(BERT, num_attention_heads=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # d_h 16
-    config = TPMConfig(bert=bert, vit=VIT, prefix_hidden=24, temporal_heads=2, temporal_ffn=32, dropout=0.0)
+    config = TPMConfig(bert=bert, vit=VIT, prefix_hidden=24, temporal_heads=2, temporal_ffn=32, **NO_DROPOUT)
     torch.manual_seed(0)
     model = TPMMI(config).to(DEVICE)
     batch = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in make_batch(MASK, seed=3).items()}

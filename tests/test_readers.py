@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tpm_fast.data.images import DataWarning, ImageStats
-from tpm_fast.data.readers import DataFormatError, Post, load_split, read_conll, read_mner_jsonl
+from tpm_fast.data.readers import DataFormatError, Post, load_split, read_conll, read_mner_jsonl, resolve_layout
 
 SHARED_TWITTER2015 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "twitter2015"
 
@@ -202,14 +202,84 @@ def test_load_split_layouts(tmp_path, dataset, split, filename):
 
 
 def test_load_split_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"MNER-MI_val\.txt not found: dataset 'MI' expects MNER-MI_train\.txt"):
+    looked = f"looked at {tmp_path / 'MNER-MI_val.txt'}, {tmp_path / 'text' / 'MNER-MI_val.txt'}"
+    with pytest.raises(FileNotFoundError) as e:
         load_split(tmp_path, "MI", "val")
-    with pytest.raises(FileNotFoundError, match=r"valid\.txt not found: dataset 'twitter2015' expects train\.txt"):
+    expects = "dataset 'MI' expects MNER-MI_train.txt, MNER-MI_val.txt, MNER-MI_test.txt"
+    assert str(e.value) == f"MNER-MI_val.txt not found ({looked}): {expects}"
+    looked = f"looked at {tmp_path / 'valid.txt'}, {tmp_path / 'twitter2015' / 'valid.txt'}"
+    with pytest.raises(FileNotFoundError, match=rf"^valid\.txt not found \({re.escape(looked)}\): dataset 'twit"):
         load_split(tmp_path, "twitter2015", "val")
     with pytest.raises(ValueError, match="unknown dataset 'MNER'"):
         load_split(tmp_path, "MNER", "val")
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         load_split(tmp_path, "MI", "dev")
+
+
+def _write_split(path: Path, dataset: str, split: str, post_id: int) -> None:
+    """One post (id ``post_id``) in the format of ``dataset``; MNER posts name an MI and a TWITTER-2017 image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if dataset.startswith("twitter"):
+        path.write_text(f"IMGID:{post_id}\n{split}\tO\n")
+    else:
+        _jsonl(path, [_post(post_id, images=[f"{post_id}_0.jpg", f"twitter2017-t_{post_id}.jpg"])])
+
+
+@pytest.mark.parametrize("dataset", ["MI", "UNI", "synthetic"])
+def test_load_split_authors_layout(tmp_path, dataset):
+    """The authors' Dataset/ folder as downloaded: text/MNER-{MI,UNI}_*.txt, images/, twitter2017_images/."""
+    stem = "MNER-UNI" if dataset == "UNI" else "MNER-MI"
+    root = tmp_path / "Dataset"
+    for k, split in enumerate(("train", "val", "test")):
+        _write_split(root / "text" / f"{stem}_{split}.txt", dataset, split, 100 + k)
+    (root / "images").mkdir()
+    (root / "twitter2017_images").mkdir()
+    for i, split in enumerate(("train", "val", "test"), start=100):
+        (p,) = load_split(root, dataset, split)
+        assert p.id == str(i) and p.source == f"{root / 'text' / f'{stem}_{split}.txt'}:1"
+        assert p.images[0] == (root / "images" / f"{i}_0.jpg").resolve()
+        t17 = ("twitter2017_images", f"t_{i}.jpg") if dataset == "UNI" else ("images", f"twitter2017-t_{i}.jpg")
+        assert p.images[1] == root.joinpath(*t17).resolve()
+    layout = resolve_layout(root, dataset)
+    assert layout.split_file("valid") == root / "text" / f"{stem}_val.txt"
+    assert layout.image_dir == root / "images"
+    # a flat file in the top folder wins over text/
+    _write_split(root / f"{stem}_val.txt", dataset, "val", 7)
+    assert [p.id for p in load_split(root, dataset, "val")] == ["7"]
+
+
+@pytest.mark.parametrize("dataset", ["twitter2015", "twitter2017"])
+@pytest.mark.parametrize("point_at", ["data", "text"])
+def test_load_split_umt_layout(tmp_path, dataset, point_at):
+    """UMT's data/ folder: data/<dataset>/{train,valid,test}.txt beside data/<dataset>_images/."""
+    data = tmp_path / "data"
+    for k, name in enumerate(("train.txt", "valid.txt", "test.txt")):
+        _write_split(data / dataset / name, dataset, name, 50 + k)
+    (data / f"{dataset}_images").mkdir()
+    root = data if point_at == "data" else data / dataset  # --data-dir data or data/twitter2015: both work
+    for k, split in enumerate(("train", "val", "test")):
+        (p,) = load_split(root, dataset, split)
+        assert p.id == str(50 + k)
+        assert p.images == [(data / f"{dataset}_images" / f"{50 + k}.jpg").resolve()]
+    layout = resolve_layout(root, dataset)
+    assert layout.image_dir == data / f"{dataset}_images"
+    assert layout.image_dirs_tried == (root / "images", root / f"{dataset}_images", root.parent / f"{dataset}_images")
+    (root / "images").mkdir()  # the flat layout's folder comes first
+    assert load_split(root, dataset, "test")[0].images == [(root / "images" / "52.jpg").resolve()]
+    given = tmp_path / "elsewhere"
+    assert load_split(root, dataset, "test", image_dir=given)[0].images == [(given / "52.jpg").resolve()]
+    assert resolve_layout(root, dataset, image_dir=given).image_dirs_tried == (given,)
+
+
+def test_resolve_layout_without_images(tmp_path):
+    """No image folder anywhere: the flat default, which the caller may warn about."""
+    for dataset in ("MI", "twitter2015"):
+        layout = resolve_layout(tmp_path, dataset)
+        assert layout.image_dir == tmp_path / "images" and not layout.image_dir.exists()
+        assert layout.twitter2017_image_dir is None
+    assert resolve_layout(tmp_path, "UNI").twitter2017_image_dir == tmp_path / "twitter2017_images"
+    with pytest.raises(ValueError, match="unknown dataset 'MNER'"):
+        resolve_layout(tmp_path, "MNER")
 
 
 TWITTER2015_COUNTS = {

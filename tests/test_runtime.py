@@ -21,8 +21,8 @@ def test_several_ranks_pick_a_stage_by_model_size(monkeypatch, params, memory, s
     monkeypatch.setattr(runtime, "device_memory", lambda device: memory)
     chosen, why = runtime.choose_zero_stage("auto", 8, params, CPU)
     assert chosen == stage and "8 ranks" in why
-    bf16 = runtime.choose_zero_stage("auto", 8, params, CPU, "bf16")[0]
-    assert bf16 == ("1" if stage == "0" else stage)  # bf16 keeps its fp32 master weights in a ZeRO optimizer
+    for precision in ("bf16", "fp16"):  # both keep their fp32 master weights in a ZeRO optimizer
+        assert runtime.choose_zero_stage("auto", 8, params, CPU, precision)[0] == ("1" if stage == "0" else stage)
 
 
 def test_explicit_stage_is_kept():
@@ -114,3 +114,19 @@ def test_choose_image_loader_refuses(monkeypatch):
         runtime.choose_image_loader("dali", "multi", CPU, None)
     with pytest.raises(ValueError, match="needs --image-cache"):
         runtime.choose_image_loader("cache", "multi", CPU, None)
+
+
+def test_fp16_needs_the_deepspeed_engine_and_a_gpu(monkeypatch):
+    assert runtime.choose_zero_stage("auto", 1, 10, CPU, "fp16")[0] == "1"  # loss scaling: DeepSpeed's
+    with pytest.raises(ValueError, match="needs DeepSpeed's loss scaling"):
+        runtime.choose_zero_stage("off", 1, 10, CPU, "fp16")
+    with pytest.raises(ValueError, match="on CPU use fp32 or bf16"):
+        runtime.choose_precision("fp16", CPU, 768)
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla V100")
+    assert runtime.choose_precision("fp16", gpu, 768) == ("fp16", "asked for")
+    with pytest.raises(ValueError, match=r"\(Tesla V100\) has no bf16: use --fp16"):
+        runtime.choose_precision("bf16", gpu, 768)
+    precision, why = runtime.choose_precision("auto", gpu, 768)
+    assert precision == "fp32" and "--fp16" in why

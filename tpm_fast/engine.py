@@ -255,9 +255,11 @@ def optimizer_and_schedule(
     total_steps: int,
     warmup_ratio: float,
     fused: bool = True,
+    decay_1d: bool = False,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with two learning rates (encoders: BERT and ViT; heads: prefix MLP, temporal Transformer, emissions,
-    CRF) and no decay on biases and norms; linear warm-up over ``warmup_ratio`` of the steps, then linear decay.
+    CRF) and no decay on biases and norms (``decay_1d=True``: on every parameter, as the authors' run.py); linear
+    warm-up over ``warmup_ratio`` of the steps, then linear decay.
 
     ``fused=True``: torch's fused AdamW (one multi-tensor kernel per parameter group on CPU and CUDA instead of
     ~10 ops per parameter tensor); the same update to rounding.
@@ -267,7 +269,7 @@ def optimizer_and_schedule(
         if not param.requires_grad:
             continue
         rate = lr if name.startswith(ENCODER_PREFIXES) else head_lr
-        decay = 0.0 if param.ndim < 2 else weight_decay  # biases and norm scales are the 1-D parameters
+        decay = 0.0 if param.ndim < 2 and not decay_1d else weight_decay  # biases and norm scales are 1-D
         groups.setdefault((rate, decay), []).append(param)
     params = [{"params": p, "lr": r, "weight_decay": d} for (r, d), p in groups.items()]
     optimizer = torch.optim.AdamW(params, lr=lr, fused=fused)

@@ -39,7 +39,9 @@ class TPMConfig:
     """Everything needed to rebuild a TPM-MI model (saved in every exported checkpoint).
 
     ``bert`` / ``vit`` are HF config dicts; :func:`build_model` fills them from ``bert_model`` / ``vit_model`` (local
-    folders or names in the local HF cache; nothing is downloaded) or from the tiny configs above.
+    folders or names in the local HF cache; nothing is downloaded) or from the tiny configs above. ``dropout`` is the
+    Transformer-across-images' dropout; ``prefix_dropout`` and ``emission_dropout`` act on the prefix vectors and on
+    BERT's output before the emission layer; ``temporal_init_std`` initializes the temporal embedding.
     """
 
     labels: tuple[str, ...] = LABELS
@@ -51,6 +53,9 @@ class TPMConfig:
     temporal_heads: int = 8
     temporal_ffn: int = 2048
     dropout: float = 0.1
+    prefix_dropout: float = 0.1
+    emission_dropout: float = 0.1
+    temporal_init_std: float = 0.02
     shift_positions: bool = True
     bert: dict = field(default_factory=dict)
     vit: dict = field(default_factory=dict)
@@ -103,9 +108,11 @@ class TPMMI(nn.Module):
                 temporal_ffn=config.temporal_ffn,
                 image_padding=config.image_padding,
                 image_feature=config.image_feature,
-                dropout=config.dropout,
+                dropout=config.prefix_dropout,
+                temporal_dropout=config.dropout,
+                temporal_init_std=config.temporal_init_std,
             )
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.emission_dropout)
         self.emissions = nn.Linear(self.bert.config.hidden_size, len(config.labels))
         self.crf = CRF(len(config.labels), batch_first=True, backend=backend)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 ZERO_STAGES = ("auto", "off", "0", "1", "2", "3")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BUCKETING = ("auto", "on", "off")
 IMAGE_LOADERS = ("auto", "dali", "pil", "cache")
 BUCKET_MIN_SAVING = 0.25  # bucket only where random batches would spend this share of the FLOPs on padding
@@ -116,17 +116,27 @@ def native_bf16(device: torch.device) -> bool:
 
 def choose_precision(requested: str, device: torch.device, hidden_size: int) -> tuple[str, str]:
     """``bf16`` (bf16 weights and activations, fp32 master weights) where the hardware multiplies bf16 natively and
-    the model is large enough for it to pay, else ``fp32``.
+    the model is large enough for it to pay, else ``fp32``. ``fp16`` (DeepSpeed's, with dynamic loss scaling) only
+    when asked for.
+
+    Raises:
+        ValueError: fp16 asked for off a GPU, or bf16 on a GPU without it.
 
     Below a hidden size of 256 the products are too small to gain on CPU: the embedded default (hidden 128) ran
     155 posts/s in bf16 against 181 in fp32.
     """
+    if requested == "fp16" and device.type != "cuda":
+        raise ValueError("--fp16 is for GPUs without bf16 (DeepSpeed's loss-scaled fp16): on CPU use fp32 or bf16")
+    if requested == "bf16" and device.type == "cuda" and not native_bf16(device):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(f"--bf16: this GPU ({name}) has no bf16: use --fp16 (DeepSpeed's loss scaling) or fp32")
     if requested != "auto":
         if requested == "bf16" and device.type == "cpu" and not native_bf16(device):
             return requested, "asked for (this CPU has no bf16 instructions: slower than fp32)"
         return requested, "asked for"
     if not native_bf16(device):
-        return "fp32", f"{device.type} has no native bf16"
+        hint = "; --fp16 runs DeepSpeed's loss-scaled fp16" if device.type == "cuda" else ""
+        return "fp32", f"{device.type} has no native bf16{hint}"
     if device.type == "cpu" and hidden_size < 256:
         return "fp32", f"hidden size {hidden_size} < 256: too small for bf16 to pay on CPU"
     return "bf16", "native bf16 on this " + ("GPU" if device.type == "cuda" else "CPU (AVX512-BF16/AMX)")
@@ -169,19 +179,24 @@ def choose_zero_stage(
     - Several ranks, fp32 model state (16 bytes a parameter) within a quarter of a rank's memory: stage 0, plain
       data parallel. ZeRO-1/2 move as many bytes per step (a reduce-scatter plus an all-gather = one all-reduce)
       and only save memory that is not short; on 2 CPU ranks stage 0 ran as fast as ZeRO-1 (``bench/scaling.py``).
-      With bf16 the fp32 master weights live in the ZeRO optimizer: ZeRO-1.
+      With bf16 or fp16 the fp32 master weights live in the ZeRO optimizer: ZeRO-1 (also on one rank for fp16,
+      whose loss scaling only DeepSpeed does here).
     - Larger models: ZeRO-2 (gradients and optimizer state partitioned) while the weights fit, else ZeRO-3 (50 %
       more traffic: the weights are gathered in the forward and again in the backward).
     """
+    if requested == "off" and precision == "fp16":
+        raise ValueError("--fp16 needs DeepSpeed's loss scaling: use a --zero-stage from 0 to 3 (or auto)")
     if requested != "auto":
         return requested, "asked for"
+    if world == 1 and precision == "fp16":
+        return "1", "one rank, fp16: DeepSpeed's loss scaling, with the fp32 master weights in the ZeRO-1 optimizer"
     if world == 1:
         return "off", "one rank: ZeRO has nothing to partition, so the DeepSpeed engine is bypassed"
     memory, state = device_memory(device), MODEL_STATE_BYTES * n_params
     gb = f"{state / 2**30:.1f} GB of model state, {memory / 2**30:.0f} GB per rank"
     if state <= memory // 4:
-        if precision == "bf16":
-            return "1", f"{world} ranks, {gb}: ZeRO-1 (data-parallel traffic; bf16 keeps fp32 master weights there)"
+        if precision in ("bf16", "fp16"):
+            return "1", f"{world} ranks, {gb}: ZeRO-1 (data-parallel traffic; {precision} keeps fp32 masters there)"
         return "0", f"{world} ranks, {gb}: plain data parallel (ZeRO would save memory that is not short)"
     if 4 * n_params + (state - 4 * n_params) // world <= memory // 4:
         return "2", f"{world} ranks, {gb}: ZeRO-2 (gradients and optimizer state partitioned)"

@@ -14,7 +14,7 @@ from tpm_fast.data.images import (
     repair_truncated_jpeg,
 )
 from tpm_fast.data.labels import ENTITY_TYPES, LABEL2ID, LABELS, X_LABEL, normalize_label
-from tpm_fast.data.readers import DataFormatError, Post, load_split, read_conll, read_mner_jsonl
+from tpm_fast.data.readers import DataFormatError, Post, load_split, read_conll, read_mner_jsonl, resolve_layout
 from tpm_fast.data.synthetic import default_cache_dir, ensure_synthetic_corpus
 from tpm_fast.data.text import encode_words, pad_text
 
@@ -48,4 +48,5 @@ __all__ = [
     "read_conll",
     "read_mner_jsonl",
     "repair_truncated_jpeg",
+    "resolve_layout",
 ]

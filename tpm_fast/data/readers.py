@@ -1,8 +1,9 @@
 """Readers for the MNER-MI JSON-lines files and the TWITTER-2015/2017 CoNLL files.
 
-Every reader returns a list of :class:`Post`. Bad input raises :class:`DataFormatError` whose message starts with
-``"<file>:<line>: "``. Files may use CRLF line ends and may start with a UTF-8 byte order mark. Lines are split on
-``"\\n"`` only (tweets may contain U+2028 and other characters that ``str.splitlines`` would split on).
+Every reader returns a list of :class:`Post`; :func:`load_split` reads one split of a dataset folder laid out flat or
+as its authors distribute it (:func:`resolve_layout`). Bad input raises :class:`DataFormatError` whose message
+starts with ``"<file>:<line>: "``. Files may use CRLF line ends and may start with a UTF-8 byte order mark. Lines
+are split on ``"\\n"`` only (tweets may contain U+2028 and other characters that ``str.splitlines`` would split on).
 
 A post with more than :data:`~tpm_fast.data.images.MAX_IMAGES` images keeps the first four; each such post is counted
 in ``ImageStats.too_many`` (pass ``stats=`` to collect the count) and warned about (first few per kind, then a
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = ("MI", "UNI", "twitter2015", "twitter2017", "synthetic")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+TWITTER_DATASETS: tuple[str, ...] = ("twitter2015", "twitter2017")
 TWITTER2017_PREFIX = "twitter2017-"
 
 
@@ -241,6 +243,96 @@ def read_conll(path: str | Path, image_dir: str | Path, labeled: bool = True) ->
     return posts
 
 
+SPLIT_FILES: dict[str, dict[str, str]] = {
+    **{d: {s: f"MNER-MI_{s}.txt" for s in SPLITS} for d in ("MI", "synthetic")},
+    "UNI": {s: f"MNER-UNI_{s}.txt" for s in SPLITS},
+    **{d: {"train": "train.txt", "val": "valid.txt", "test": "test.txt"} for d in TWITTER_DATASETS},
+}
+"""Dataset -> split -> file name of the split."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a dataset's split files and image folders are (see :func:`resolve_layout`).
+
+    Attributes:
+        dataset: one of ``DATASETS``.
+        text_dirs: the folders searched for the split files, in order (the first holding a split's file wins).
+        image_dir: the image folder (it may not exist: every image slot then stays empty).
+        image_dirs_tried: the image folders looked for, in order (just the one given when it was given).
+        twitter2017_image_dir: the TWITTER-2017 image folder of ``UNI`` (None for the other datasets).
+    """
+
+    dataset: str
+    text_dirs: tuple[Path, ...]
+    image_dir: Path
+    image_dirs_tried: tuple[Path, ...]
+    twitter2017_image_dir: Path | None = None
+
+    def split_file(self, split: str) -> Path:
+        """The file of ``split`` (``"train"``, ``"val"`` or ``"valid"``, ``"test"``).
+
+        Raises:
+            ValueError: unknown split.
+            FileNotFoundError: in none of ``text_dirs``; the message names every path looked at.
+        """
+        split = "val" if split == "valid" else split
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        name = SPLIT_FILES[self.dataset][split]
+        for folder in self.text_dirs:
+            if (folder / name).is_file():
+                return folder / name
+        looked = ", ".join(str(folder / name) for folder in self.text_dirs)
+        expects = ", ".join(SPLIT_FILES[self.dataset].values())
+        raise FileNotFoundError(f"{name} not found (looked at {looked}): dataset {self.dataset!r} expects {expects}")
+
+
+def resolve_layout(
+    data_dir: str | Path,
+    dataset: str,
+    image_dir: str | Path | None = None,
+    twitter2017_image_dir: str | Path | None = None,
+) -> Layout:
+    """Find a dataset's files in ``data_dir``, laid out flat or as its authors distribute it.
+
+    Split files (:data:`SPLIT_FILES`) are looked for in ``data_dir`` first, then in ``data_dir/text``
+    (``MI``, ``UNI``, ``synthetic``: the authors' ``Dataset/`` folder) or ``data_dir/<dataset>`` (TWITTER: UMT's
+    ``data/`` folder holding ``twitter2015/`` and ``twitter2017/``). Image folders, unless given: ``data_dir/images``
+    (and ``data_dir/twitter2017_images`` for ``UNI``); for TWITTER the first existing of ``data_dir/images``,
+    ``data_dir/<dataset>_images`` and ``data_dir/../<dataset>_images`` (UMT's image folders sit beside the text
+    folders), else ``data_dir/images``. Only the folders are looked at here; the split files when they are asked for.
+
+    Args:
+        data_dir: the dataset folder.
+        dataset: one of ``DATASETS``.
+        image_dir: the image folder, overriding the search.
+        twitter2017_image_dir: the TWITTER-2017 image folder of ``UNI``, overriding the default.
+
+    Returns:
+        The layout.
+
+    Raises:
+        ValueError: unknown dataset.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    data_dir = Path(data_dir)
+    twitter = dataset in TWITTER_DATASETS
+    text_dirs = (data_dir, data_dir / (dataset if twitter else "text"))
+    if image_dir is not None:
+        tried: tuple[Path, ...] = (Path(image_dir),)
+    elif twitter:
+        tried = (data_dir / "images", data_dir / f"{dataset}_images", data_dir.parent / f"{dataset}_images")
+    else:
+        tried = (data_dir / "images",)
+    found = next((d for d in tried if d.is_dir()), tried[0])
+    t17 = None
+    if dataset == "UNI":
+        t17 = Path(twitter2017_image_dir) if twitter2017_image_dir is not None else data_dir / "twitter2017_images"
+    return Layout(dataset, text_dirs, found, tried, t17)
+
+
 def load_split(
     data_dir: str | Path,
     dataset: str,
@@ -251,18 +343,17 @@ def load_split(
     labeled: bool = True,
     stats: ImageStats | None = None,
 ) -> list[Post]:
-    """Load one split of a dataset from its standard layout.
+    """Load one split of a dataset, its files laid out flat or as distributed (see :func:`resolve_layout`).
 
-    Layouts: ``MI`` and ``synthetic``: ``data_dir/MNER-MI_{split}.txt``, images ``data_dir/images``;
-    ``UNI``: ``data_dir/MNER-UNI_{split}.txt``, images ``data_dir/images`` and ``data_dir/twitter2017_images``;
-    ``twitter2015`` / ``twitter2017``: ``data_dir/{train,valid,test}.txt`` (``"val"`` -> ``valid.txt``),
-    images ``data_dir/images``.
+    Split files: ``MI`` and ``synthetic``: ``MNER-MI_{split}.txt``; ``UNI``: ``MNER-UNI_{split}.txt`` (images
+    named ``twitter2017-*`` in the TWITTER-2017 image folder); ``twitter2015`` / ``twitter2017``:
+    ``{train,valid,test}.txt`` (``"val"`` -> ``valid.txt``).
 
     Args:
         data_dir: the dataset folder.
         dataset: one of ``DATASETS``.
         split: ``"train"``, ``"val"`` (``"valid"`` accepted) or ``"test"``.
-        image_dir: overrides the default image folder.
+        image_dir: overrides the image folder search.
         twitter2017_image_dir: overrides the default TWITTER-2017 image folder (UNI only).
         labeled: see the readers.
         stats: counters for dropped extra images (JSON-lines layouts).
@@ -272,28 +363,11 @@ def load_split(
 
     Raises:
         ValueError: unknown dataset or split.
-        FileNotFoundError: the split file is missing (names the path and the files expected).
+        FileNotFoundError: the split file is missing (names every path looked at and the files expected).
+        DataFormatError: malformed data (``"file:line: ..."``).
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
-    split = "val" if split == "valid" else split
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    data_dir = Path(data_dir)
-    img_dir = Path(image_dir) if image_dir is not None else data_dir / "images"
-    if dataset in ("twitter2015", "twitter2017"):
-        names = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
-    else:
-        stem = "MNER-UNI" if dataset == "UNI" else "MNER-MI"
-        names = {s: f"{stem}_{s}.txt" for s in SPLITS}
-    path = data_dir / names[split]
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: dataset {dataset!r} expects {', '.join(names.values())} in {data_dir}"
-        )
-    if dataset in ("twitter2015", "twitter2017"):
-        return read_conll(path, img_dir, labeled=labeled)
-    t17 = None
-    if dataset == "UNI":
-        t17 = Path(twitter2017_image_dir) if twitter2017_image_dir is not None else data_dir / "twitter2017_images"
-    return read_mner_jsonl(path, img_dir, t17, labeled=labeled, stats=stats)
+    layout = resolve_layout(data_dir, dataset, image_dir, twitter2017_image_dir)
+    path = layout.split_file(split)
+    if dataset in TWITTER_DATASETS:
+        return read_conll(path, layout.image_dir, labeled=labeled)
+    return read_mner_jsonl(path, layout.image_dir, layout.twitter2017_image_dir, labeled=labeled, stats=stats)

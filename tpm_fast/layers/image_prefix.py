@@ -23,6 +23,9 @@ class ImagePrefix(nn.Module):
             (authors' code: empty slots hold ViT's output for an all-zero image, computed once per batch).
         image_feature: ``"cls"`` (paper: last-layer [CLS] activation) or ``"pooler"`` (authors' code).
         dropout: dropout on the prefix vectors.
+        temporal_dropout: dropout inside the Transformer across images.
+        temporal_init_std: standard deviation of the temporal embedding's normal initialization (0.02, as BERT's
+            embeddings; the authors' ``nn.Parameter(torch.randn(...))`` is 1.0).
     """
 
     def __init__(
@@ -39,6 +42,8 @@ class ImagePrefix(nn.Module):
         image_padding: str = "zero_feature",
         image_feature: str = "cls",
         dropout: float = 0.1,
+        temporal_dropout: float = 0.1,
+        temporal_init_std: float = 0.02,
     ) -> None:
         super().__init__()
         if image_padding not in IMAGE_PADDINGS:
@@ -52,8 +57,8 @@ class ImagePrefix(nn.Module):
         self.image_padding, self.image_feature = image_padding, image_feature
         d_v = vit.config.hidden_size
         self.temporal = nn.Parameter(torch.zeros(slots, d_v))  # T: learnable temporal position embedding
-        nn.init.normal_(self.temporal, std=0.02)
-        layer = nn.TransformerEncoderLayer(d_v, temporal_heads, temporal_ffn, dropout, batch_first=True)
+        nn.init.normal_(self.temporal, std=temporal_init_std)
+        layer = nn.TransformerEncoderLayer(d_v, temporal_heads, temporal_ffn, temporal_dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, temporal_layers, enable_nested_tensor=False)
         d_t = num_heads * head_dim
         self.project = nn.Sequential(
