@@ -1,5 +1,10 @@
 """The steps of ``train.py`` after set-up (:mod:`tpm_fast.session`): resume, train one epoch, evaluate on the dev set,
-checkpoint and export, score the test set. Every rank calls each of them; records are written by rank 0."""
+checkpoint and export, score the test set. Every rank calls each of them; records are written by rank 0.
+
+With several ranks every rank decodes its shard of the dev and test sets (gathered by
+:func:`tpm_fast.engine.evaluate`), and what is logged is the run's, not rank 0's: step and epoch losses are means over
+all ranks' posts, posts/s counts every rank's posts, image counts are summed over the ranks.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from tpm_fast.engine import (
     load_exported,
     set_epoch,
     step_record,
+    summed_over_ranks,
 )
 from tpm_fast.flops import step_flops
 from tpm_fast.metrics import entity_scores, word_tags
@@ -58,13 +64,13 @@ def evaluate_only(s: Session) -> None:
     for split in ("val", "test"):
         scores = evaluate(s.model, s.feed(s.dataset(split), s.args.eval_batch_size), progress=s.progress)
         s.say(f"{split}: {format_scores(scores)}")
-    s.say(s.stats.summary())
+    s.say(summed_over_ranks(s.stats).summary())
 
 
 def save(s: Session, t: Training, state: TrainState) -> None:
     """Every rank: an atomic checkpoint at ``state.step``, then (rank 0) the rotation of old ones."""
     metrics = s.out / "metrics.jsonl"
-    state.images = s.stats.as_dict()
+    state.images = summed_over_ranks(s.stats).as_dict()  # the run's counts (restored on rank 0 only)
     state.metrics_bytes = metrics.stat().st_size if metrics.is_file() else 0
     checkpoint.save(t.engine, s.out / "checkpoints", state, s.rank, deepspeed.comm.barrier)
     if s.rank == 0:
@@ -93,7 +99,7 @@ def resume(s: Session, t: Training) -> tuple[TrainState, dict | None] | None:
     if state.epoch >= s.args.epochs and finished(s.out, state):
         s.say(f"{s.out} finished at step {state.step} ({state.epoch} epochs; {s.out / 'results.json'}): nothing to do")
         return None
-    for name, count in state.images.items():
+    for name, count in state.images.items() if s.rank == 0 else ():  # the run's counts; the other ranks count anew
         setattr(s.stats, name, count)
     if s.rank == 0:
         checkpoint.cut_log(s.out / "metrics.jsonl", state.metrics_bytes)  # records logged after it come again
@@ -137,7 +143,8 @@ def train_epoch(s: Session, t: Training, state: TrainState, epoch: int, steps: G
     is logged with ``loss_scale_overflow`` and not counted there: the scaler lowers the scale and goes on).
 
     Returns:
-        {"seconds", "posts", "flops"} of this process's share of the epoch (posts and FLOPs of all ranks).
+        {"seconds", "posts", "flops"} of this process's share of the epoch (the posts of all ranks, counted; FLOPs
+        estimated as this rank's times the ranks).
     """
     args, loader, world = s.args, t.train_loader, s.world
     metrics, ckpt_dir = s.out / "metrics.jsonl", s.out / "checkpoints"
@@ -159,12 +166,12 @@ def train_epoch(s: Session, t: Training, state: TrainState, epoch: int, steps: G
             state.train_gold += gold
         else:
             loss = t.engine(batch.tensors)
-        done = steps.backward(loss, size, boundary)
+        done = steps.backward(loss, size, boundary, posts=batch.host["input_ids"].shape[0])
         state.batch += 1
-        seen += batch.host["input_ids"].shape[0] * world
         if done is None:  # inside an accumulation: checkpoints and records are per optimizer step
             continue
-        value, applied = done
+        value, applied = done  # value: the mean loss over all ranks' posts
+        seen += steps.posts  # the step's posts on all ranks
         state.step += 1
         overflow = not applied and t.precision == "fp16" and math.isfinite(value)  # the loss scale is lowered
         if applied:
@@ -211,7 +218,8 @@ def end_epoch(s: Session, t: Training, state: TrainState, epoch: int, work: dict
         The epoch's record (as appended to ``metrics.jsonl``).
     """
     args, seconds = s.args, work["seconds"]
-    dev = evaluate(t.model, t.dev_loader, desc="dev", progress=s.progress)
+    dev = evaluate(t.model, t.dev_loader, desc="dev", progress=s.progress)  # each rank decodes its shard
+    images = summed_over_ranks(s.stats)
     better = dev["f1"] > state.best_f1 or args.recipe_settings.select_ties and dev["f1"] == state.best_f1
     if better:
         state.best_f1, state.best_epoch, state.best_step = dev["f1"], epoch, state.step
@@ -228,7 +236,7 @@ def end_epoch(s: Session, t: Training, state: TrainState, epoch: int, work: dict
         "dev_f1": dev["f1"],
         "dev_per_type": dev["per_type"],
         "skipped_steps": state.skipped_steps,
-        "images": s.stats.as_dict(),
+        "images": images.as_dict(),
     }
     if s.rank == 0:
         append_jsonl(s.out / "metrics.jsonl", record)
@@ -243,22 +251,25 @@ def end_epoch(s: Session, t: Training, state: TrainState, epoch: int, work: dict
         + f" dev {format_scores(dev)}"
         + (" *best*" if better else "")
     )
-    s.say(s.stats.summary())
+    s.say(images.summary())
     return record
 
 
 def final_test(s: Session, state: TrainState) -> dict | None:
-    """Rank 0: score the exported best model on the test set; writes ``results.json`` (and a final record).
+    """Score the exported best model on the test set (every rank loads it and decodes its shard); rank 0 writes
+    ``results.json`` (and a final record).
 
     Returns:
         The results (None on other ranks).
     """
-    if s.rank != 0:
-        return None
     out, metrics = s.out, s.out / "metrics.jsonl"
+    deepspeed.comm.barrier()  # rank 0 has written best_model.pt
     model, *_ = load_exported(out / "best_model.pt", s.device)
     model.backend = s.args.backend
     test = evaluate(model, s.feed(s.dataset("test"), s.args.eval_batch_size), desc="test", progress=s.progress)
+    images = summed_over_ranks(s.stats)
+    if s.rank != 0:
+        return None
     result = {
         "best_epoch": state.best_epoch,
         "dev_f1": state.best_f1,
@@ -274,6 +285,6 @@ def final_test(s: Session, state: TrainState) -> dict | None:
     append_jsonl(metrics, {"final": result})  # before results.json: a resume cuts it off and scores again
     checkpoint.write_atomically(out / "results.json", json.dumps(result, indent=2, sort_keys=True))
     s.say(f"best epoch {state.best_epoch} (dev F1 {state.best_f1 * 100:.2f}); test {format_scores(test)}")
-    s.say(s.stats.summary())
+    s.say(images.summary())
     s.say(f"exported {out / 'best_model.pt'}; metrics in {metrics}")
     return result
