@@ -9,7 +9,8 @@ Each step appends its loss to OUTPUT/metrics.jsonl; every ``--save-every`` steps
 checkpoint is written (OUTPUT/checkpoints/step<N>: weights, optimizer, schedule, generator states, position in the
 epoch's data order, best dev state); each epoch decodes the dev set, appends its metrics and exports
 OUTPUT/best_model.pt from the checkpoint when the dev F1 improves. ``--resume`` continues from the newest complete
-checkpoint exactly as the run would have gone on. At the end the best model is scored on the test set.
+checkpoint exactly as the run would have gone on. At the end the best model is scored on the test set, and its test
+and dev predictions are written to OUTPUT/predictions/{test,val}.conll with error reports (python -m tpm_fast.report).
 
 Defaults are the fastest correct configuration for the machine, chosen and printed in the first lines: on one rank
 the DeepSpeed engine is bypassed (``--zero-stage off``: ZeRO has nothing to partition), several ranks get a ZeRO
@@ -154,6 +155,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-bad-steps", type=int, default=5, help="stop after N non-finite steps in a row (each skipped)")
     g.add_argument("--eval-only", action="store_true", help="score --checkpoint on the dev and test sets")
     g.add_argument("--checkpoint", help="an exported best_model.pt (for --eval-only)")
+    g.add_argument(
+        "--write-predictions",
+        action="store_true",
+        help="with --eval-only: also write OUTPUT/predictions/{val,test}.conll (word, gold, predicted) and their error "
+        "reports (training runs write them at the final test)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--debug", action="store_true", help="show the traceback of data errors (else one line)")
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
@@ -166,6 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.ds_config = read_deepspeed_config(args.deepspeed_config, args, given)
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint OUTPUT/best_model.pt")
+    if args.write_predictions and not args.eval_only:
+        p.error("--write-predictions goes with --eval-only (training runs write predictions at their final test)")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         p.error(f"--checkpoint {args.checkpoint}: no such file (an exported best_model.pt)")
     if args.data_dir and not Path(args.data_dir).is_dir():

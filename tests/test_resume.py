@@ -44,6 +44,20 @@ model.TPMMI.forward = poisoned
 train.main(sys.argv[1:])
 """
 
+# train.py whose image feed dies (an exception in its decoding thread) on the CRASH_AT-th batch it assembles
+CRASH_FEED = """
+import os, sys, train
+from tpm_fast.data import feed
+assemble, calls = feed.assemble, [0]
+def dying(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(os.environ["CRASH_AT"]):
+        raise MemoryError("injected: the image-decoding thread died")
+    return assemble(*args, **kwargs)
+feed.assemble = dying
+train.main(sys.argv[1:])
+"""
+
 
 def env() -> dict:
     """One compute thread whatever the image threads (the thread count changes a GEMM's rounding)."""
@@ -227,3 +241,36 @@ def test_nonfinite_steps_in_a_row_stop_the_run(corpus, tmp_path):
     assert [p.name for p in checkpoint.checkpoints(tmp_path / "checkpoints")] == ["step5"]
     assert checkpoint.problem(tmp_path / "checkpoints" / "step5") is None
     assert [r["step"] for r in records(tmp_path) if r.get("skipped")] == [7, 8, 9]
+
+
+def test_a_dying_image_thread_stops_the_run_and_resume_makes_it_good(corpus, reference, tmp_path):
+    """The image feed's decoding thread raises at the 9th training batch (after the checkpoint of step 5): the error
+    reaches the training loop, the run exits non-zero, the checkpoint of step 5 is intact, and --resume ends as the
+    uninterrupted run."""
+    proc = train(tmp_path, corpus, "--image-threads", "1", code=CRASH_FEED, check=False, CRASH_AT="9")
+    assert proc.returncode != 0 and "injected: the image-decoding thread died" in proc.stderr
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "checkpoints")] == ["step5"]
+    assert max(r["step"] for r in records(tmp_path) if "loss" in r) == 8
+    train(tmp_path, corpus, "--image-threads", "1", "--resume")
+    assert_same_run(tmp_path, reference)
+
+
+def test_an_image_folder_gone_mid_run_is_counted_not_fatal(corpus, reference, tmp_path):
+    """The image folder is moved away after the first steps: its images are counted as missing (empty slots) and
+    the run finishes."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(corpus, data)
+    cmd = [sys.executable, "train.py", "--data-dir", str(data), "--output-dir", str(out), *RUN, "--image-threads", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log, deadline = out / "metrics.jsonl", time.monotonic() + 300
+    while not log.is_file() or len(log.read_text().splitlines()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-5000:]
+        time.sleep(0.005)
+    (data / "images").rename(tmp_path / "elsewhere")
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-5000:]
+
+    def missing(run: Path) -> int:  # images counted missing by the end of the last epoch
+        return [r for r in records(run) if "dev_f1" in r][-1]["images"]["missing"]
+
+    assert missing(out) > missing(reference) + 50 and records(out)[-1]["final"]["test_f1"] >= 0

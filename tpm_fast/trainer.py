@@ -25,6 +25,7 @@ from tpm_fast.engine import (
     export_model,
     format_scores,
     load_exported,
+    predict_tags,
     set_epoch,
     step_record,
     summed_over_ranks,
@@ -33,6 +34,7 @@ from tpm_fast.flops import step_flops
 from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.plain_engine import CHECKPOINT_FILE
 from tpm_fast.record import device_info, differences, read_record, run_record, write_record
+from tpm_fast.report import evaluation_report, tagged_posts, write_predictions
 from tpm_fast.session import Session, Training
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates (each reads the loss on the host: a sync on GPU)
@@ -53,8 +55,24 @@ def warn_if_data_changed(s: Session, recorded: dict, what: str) -> None:
         s.say(f"warning: not the data {what}: {line}")
 
 
+def predictions(s: Session, model, split: str, desc: str) -> dict:
+    """Decode ``split`` with ``model`` (every rank calls this and decodes its shard; the predictions are gathered) and,
+    on rank 0, write OUTPUT/predictions/<split>.conll and its report (:func:`tpm_fast.report.write_predictions`).
+
+    Returns:
+        The report, on every rank: micro ``precision``/``recall``/``f1`` and ``per_type`` as
+        :func:`~tpm_fast.engine.evaluate`'s, plus ``by_images`` and the error counts.
+    """
+    data = s.dataset(split)
+    pred = predict_tags(model, s.feed(data, s.args.eval_batch_size), desc=desc, progress=s.progress)
+    if s.rank == 0:
+        return write_predictions(s.out / "predictions", split, data.posts, pred)
+    return evaluation_report(tagged_posts(data.posts, pred))
+
+
 def evaluate_only(s: Session) -> None:
-    """``--eval-only``: score the exported model on the dev and test sets (its fp32 weights, as the run did); warns
+    """``--eval-only``: score the exported model on the dev and test sets (its fp32 weights, as the run did);
+    with ``--write-predictions`` rank 0 also writes their predictions and reports into OUTPUT/predictions. Warns
     when the data differs from what the model's run recorded (``run.json`` beside or in the export)."""
     exported = Path(s.args.checkpoint)
     recorded = read_record(exported) if exported.is_dir() else None
@@ -62,8 +80,13 @@ def evaluate_only(s: Session) -> None:
     if s.rank == 0 and recorded:
         warn_if_data_changed(s, recorded, "the model was trained and scored on")
     for split in ("val", "test"):
-        scores = evaluate(s.model, s.feed(s.dataset(split), s.args.eval_batch_size), progress=s.progress)
+        if s.args.write_predictions:  # every rank decodes its shard; rank 0 writes
+            scores = predictions(s, s.model, split, split)
+        else:
+            scores = evaluate(s.model, s.feed(s.dataset(split), s.args.eval_batch_size), progress=s.progress)
         s.say(f"{split}: {format_scores(scores)}")
+    if s.args.write_predictions:
+        s.say(f"predictions and reports in {s.out / 'predictions'}")
     s.say(summed_over_ranks(s.stats).summary())
 
 
@@ -257,7 +280,8 @@ def end_epoch(s: Session, t: Training, state: TrainState, epoch: int, work: dict
 
 def final_test(s: Session, state: TrainState) -> dict | None:
     """Score the exported best model on the test set (every rank loads it and decodes its shard); rank 0 writes
-    ``results.json`` (and a final record).
+    ``results.json`` (and a final record), and the test and dev predictions of that model with their reports
+    (OUTPUT/predictions/{test,val}.conll, ``*_report.*``).
 
     Returns:
         The results (None on other ranks).
@@ -266,7 +290,8 @@ def final_test(s: Session, state: TrainState) -> dict | None:
     deepspeed.comm.barrier()  # rank 0 has written best_model.pt
     model, *_ = load_exported(out / "best_model.pt", s.device)
     model.backend = s.args.backend
-    test = evaluate(model, s.feed(s.dataset("test"), s.args.eval_batch_size), desc="test", progress=s.progress)
+    test = predictions(s, model, "test", "test")
+    predictions(s, model, "val", "dev")  # the dev set at the best epoch, to read beside the test set
     images = summed_over_ranks(s.stats)
     if s.rank != 0:
         return None
@@ -277,6 +302,8 @@ def final_test(s: Session, state: TrainState) -> dict | None:
         "test_recall": test["recall"],
         "test_f1": test["f1"],
         "test_per_type": test["per_type"],
+        "test_f1_by_images": {k: row["f1"] for k, row in test["by_images"].items()},
+        "test_error_counts": test["error_counts"],
         "image_mode": s.args.image_mode,
         "seed": s.args.seed,
         "step": state.step,
@@ -286,5 +313,5 @@ def final_test(s: Session, state: TrainState) -> dict | None:
     checkpoint.write_atomically(out / "results.json", json.dumps(result, indent=2, sort_keys=True))
     s.say(f"best epoch {state.best_epoch} (dev F1 {state.best_f1 * 100:.2f}); test {format_scores(test)}")
     s.say(images.summary())
-    s.say(f"exported {out / 'best_model.pt'}; metrics in {metrics}")
+    s.say(f"exported {out / 'best_model.pt'}; metrics in {metrics}; predictions in {out / 'predictions'}")
     return result
