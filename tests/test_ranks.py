@@ -1,7 +1,8 @@
 """One rank = two ranks, end to end on CPU: ``deepspeed --num_gpus 2 train.py --batch-size 4`` under ZeRO 1, 2 and 3
 takes the steps of ``python train.py --batch-size 8`` (the same global batch): the same per-step losses (the mean over
 both ranks' posts), final weights and image counts within fp32 tolerance; the posts of both ranks are counted; and
-``--eval-only`` on two ranks (each decoding its shard, predictions gathered) gives exactly the one-rank scores."""
+``--eval-only`` on two ranks (each decoding its shard, predictions gathered) gives exactly the one-rank scores and
+predictions."""
 
 import json
 import os
@@ -132,10 +133,15 @@ def test_eval_only_on_two_ranks_scores_exactly_as_one(corpus, script, tmp_path):
         model.emissions.bias[1:9] += 3.0  # B-/I- tags favoured over O
     export_model(model, model.state_dict(), tokenizer, ImageSpec(224), 20, tmp_path / "best_model.pt")
     args = ["--eval-only", "--checkpoint", str(tmp_path / "best_model.pt"), "--data-dir", str(corpus), *RUN]
-    one, two = run(sys.executable, "train.py", *args), two_ranks(script, *args)
+    args += ["--write-predictions"]
+    one = run(sys.executable, "train.py", *args, "--output-dir", str(tmp_path / "one"))
+    two = two_ranks(script, *args, "--output-dir", str(tmp_path / "two"))
 
     def scores(log: str) -> list[str]:
         return [line for line in log.splitlines() if line.startswith(("val: ", "test: ", "images: ok="))]
 
     assert len(scores(one)) == 3 and scores(two) == scores(one)
     assert all("F1=0.00" not in line for line in scores(one)[:2])
+    for name in ("val.conll", "test.conll"):  # every post once, in the data's order, with the same tags
+        written = (tmp_path / "two" / "predictions" / name).read_text()
+        assert written == (tmp_path / "one" / "predictions" / name).read_text() and written.count("\n\n") >= 15
