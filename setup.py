@@ -137,6 +137,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",  # the fused kernels
         "transformers>=5.0",
         "deepspeed>=0.16",
+        "safetensors>=0.4",  # the export's weights
         "seqeval>=1.2",
         "pillow>=10",
         "numpy",

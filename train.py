@@ -2,15 +2,16 @@
 
     deepspeed train.py                      # embedded synthetic multi-image corpus, tiny BERT + ViT, CPU is fine
     deepspeed train.py --data-dir DATA --dataset MI --bert-model BERT_DIR --vit-model VIT_DIR
-    python train.py --eval-only --checkpoint runs/default/best_model.pt
+    python train.py --eval-only --checkpoint runs/default/best_model
     deepspeed --num_gpus 2 train.py         # two ranks (two CPU processes without a GPU)
 
 Each step appends its loss to OUTPUT/metrics.jsonl; every ``--save-every`` steps and at each epoch end an atomic
 checkpoint is written (OUTPUT/checkpoints/step<N>: weights, optimizer, schedule, generator states, position in the
 epoch's data order, best dev state); each epoch decodes the dev set, appends its metrics and exports
-OUTPUT/best_model.pt from the checkpoint when the dev F1 improves. ``--resume`` continues from the newest complete
-checkpoint exactly as the run would have gone on. At the end the best model is scored on the test set, and its test
-and dev predictions are written to OUTPUT/predictions/{test,val}.conll with error reports (python -m tpm_fast.report).
+OUTPUT/best_model (a folder: ``tpm_fast.export``) from the checkpoint when the dev F1 improves. ``--resume``
+continues from the newest complete checkpoint exactly as the run would have gone on. At the end the best model is
+scored on the test set (its model card gets the scores), and its test and dev predictions are written to
+OUTPUT/predictions/{test,val}.conll with error reports (python -m tpm_fast.report).
 
 Defaults are the fastest correct configuration for the machine, chosen and printed in the first lines: on one rank
 the DeepSpeed engine is bypassed (``--zero-stage off``: ZeRO has nothing to partition), several ranks get a ZeRO
@@ -150,11 +151,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps too (0: at epoch ends only)")
     g.add_argument(
-        "--keep-checkpoints", type=int, default=2, help="newest checkpoints kept on disk (plus best_model.pt's source)"
+        "--keep-checkpoints", type=int, default=2, help="newest checkpoints kept on disk (plus the export's source)"
     )
     g.add_argument("--max-bad-steps", type=int, default=5, help="stop after N non-finite steps in a row (each skipped)")
     g.add_argument("--eval-only", action="store_true", help="score --checkpoint on the dev and test sets")
-    g.add_argument("--checkpoint", help="an exported best_model.pt (for --eval-only)")
+    g.add_argument("--checkpoint", help="the export OUTPUT/best_model, or a legacy best_model.pt (for --eval-only)")
     g.add_argument(
         "--write-predictions",
         action="store_true",
@@ -172,11 +173,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.deepspeed_config:
         args.ds_config = read_deepspeed_config(args.deepspeed_config, args, given)
     if args.eval_only and not args.checkpoint:
-        p.error("--eval-only needs --checkpoint OUTPUT/best_model.pt")
+        p.error("--eval-only needs --checkpoint OUTPUT/best_model")
     if args.write_predictions and not args.eval_only:
         p.error("--write-predictions goes with --eval-only (training runs write predictions at their final test)")
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        p.error(f"--checkpoint {args.checkpoint}: no such file (an exported best_model.pt)")
+    if args.checkpoint and not Path(args.checkpoint).exists():
+        p.error(f"--checkpoint {args.checkpoint}: no such folder (the export OUTPUT/best_model) or legacy file")
     if args.data_dir and not Path(args.data_dir).is_dir():
         p.error(f"--data-dir {args.data_dir}: no such folder")
     for flag, folder in (("--bert-model", args.bert_model), ("--vit-model", args.vit_model)):

@@ -195,7 +195,7 @@ def test_runs_write_predictions_and_eval_only_writes_the_same(two_seeds, corpus,
     assert len(read_conll(run / "predictions" / "val.conll")) == 16  # the dev set of the best model, too
     out = tmp_path / "eval"
     cmd = ["train.py", "--data-dir", str(corpus), "--limit", "16", "--eval-only", "--checkpoint",
-           str(run / "best_model.pt"), "--write-predictions", "--output-dir", str(out), "--no-progress"]  # fmt: skip
+           str(run / "best_model"), "--write-predictions", "--output-dir", str(out), "--no-progress"]  # fmt: skip
     proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("test.conll", "val.conll", "test_report.txt"):

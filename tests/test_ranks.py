@@ -131,8 +131,8 @@ def test_eval_only_on_two_ranks_scores_exactly_as_one(corpus, script, tmp_path):
     model = build_model(TPMConfig(prefix_hidden=256, temporal_ffn=256), len(tokenizer))
     with torch.no_grad():
         model.emissions.bias[1:9] += 3.0  # B-/I- tags favoured over O
-    export_model(model, model.state_dict(), tokenizer, ImageSpec(224), 20, tmp_path / "best_model.pt")
-    args = ["--eval-only", "--checkpoint", str(tmp_path / "best_model.pt"), "--data-dir", str(corpus), *RUN]
+    export_model(model, model.state_dict(), tokenizer, ImageSpec(224), 20, tmp_path / "best_model")
+    args = ["--eval-only", "--checkpoint", str(tmp_path / "best_model"), "--data-dir", str(corpus), *RUN]
     args += ["--write-predictions"]
     one = run(sys.executable, "train.py", *args, "--output-dir", str(tmp_path / "one"))
     two = two_ranks(script, *args, "--output-dir", str(tmp_path / "two"))

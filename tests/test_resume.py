@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tpm_fast import checkpoint
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
@@ -131,8 +132,8 @@ def assert_same_run(out: Path, ref: Path) -> None:
     assert mine.keys() == theirs.keys()
     for k in mine:
         assert torch.equal(mine[k], theirs[k]), k
-    exported = torch.load(out / "best_model.pt", weights_only=True)["state_dict"]
-    for k, v in torch.load(ref / "best_model.pt", weights_only=True)["state_dict"].items():
+    exported = load_file(out / "best_model" / "model.safetensors")
+    for k, v in load_file(ref / "best_model" / "model.safetensors").items():
         assert torch.equal(exported[k], v), k
 
 
@@ -198,18 +199,18 @@ def test_resuming_a_finished_run_does_nothing(reference, corpus):
 
 
 def test_a_crash_before_the_export_and_the_test_is_made_good(reference, corpus, tmp_path):
-    """Stopped after the last checkpoint, before best_model.pt and results.json were written: --resume exports the
+    """Stopped after the last checkpoint, before the export and results.json were written: --resume exports the
     best model from its checkpoint and scores the test set once, as the uninterrupted run did."""
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    (out / "best_model.pt").unlink()
+    shutil.rmtree(out / "best_model")
     (out / "results.json").unlink()
     with open(out / "metrics.jsonl", "a") as f:  # half a final record, written as the process died
         f.write('{"final": {"best_ep')
     train(out, corpus, "--image-threads", "1", "--resume")
     assert_same_run(out, reference)
     best = json.loads((out / "results.json").read_text())["best_epoch"]
-    assert torch.load(out / "best_model.pt", weights_only=True)["step"] == 12 * best
+    assert json.loads((out / "best_model" / "config.json").read_text())["training"]["step"] == 12 * best
 
 
 def test_a_new_run_into_another_runs_folder_fails_early(reference, corpus):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
 
@@ -25,6 +26,11 @@ def run(*args: str, launcher: tuple[str, ...] = (sys.executable,), timeout: int 
     proc = subprocess.run([*launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout + proc.stderr
+
+
+def exported_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The weights of the run's export folder ``OUTPUT/best_model``."""
+    return load_file(out / "best_model" / "model.safetensors")
 
 
 def epochs_logged(out: Path) -> list[int]:
@@ -65,9 +71,14 @@ def test_train_writes_log_checkpoints_and_model(trained):
     assert all(r["train_posts_per_s"] > 0 and "mfu" not in r for r in records)  # MFU only where the GPU peak is known
     result = json.loads((trained / "results.json").read_text())
     assert 0.0 < result["test_f1"] <= 1.0 and result["best_epoch"] in (1, 2)
-    weights = torch.load(trained / "best_model.pt", weights_only=True)["state_dict"]
+    weights = exported_weights(trained)
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
-    assert (trained / "best_model.pt").exists() and (trained / "tokenizer").is_dir()
+    assert (trained / "best_model" / "tokenizer.json").is_file()
+    info = json.loads((trained / "best_model" / "config.json").read_text())  # the model card's facts
+    assert info["training"] == {"epoch": result["best_epoch"], "step": 24 * result["best_epoch"]}
+    assert info["card"]["scores"]["dev"]["f1"] == result["dev_f1"] and info["card"]["seeds"] == [42]
+    assert info["card"]["scores"]["test"]["f1"] == result["test_f1"]  # filled after the final test
+    assert f"| test | {result['test_precision'] * 100:.2f} |" in (trained / "best_model" / "README.md").read_text()
     assert sorted(p.name for p in (trained / "checkpoints").glob("step*")) == ["step24", "step48"]  # epoch ends
 
 
@@ -111,7 +122,7 @@ def test_resume_continues_from_last_epoch(trained, corpus):
     assert epochs_logged(trained) == [1, 2, 3]  # epochs 1-2 were not trained again
     kept = sorted(p.name for p in (trained / "checkpoints").glob("step*"))
     best = json.loads((trained / "results.json").read_text())["best_epoch"]
-    assert kept == sorted({"step48", "step72", f"step{24 * best}"})  # the last 2, and best_model.pt's source
+    assert kept == sorted({"step48", "step72", f"step{24 * best}"})  # the last 2, and the export's source
 
 
 def test_resume_with_the_other_engine_fails_clearly(trained, corpus):
@@ -122,7 +133,7 @@ def test_resume_with_the_other_engine_fails_clearly(trained, corpus):
 
 
 def test_eval_only_reproduces_test_score(trained, corpus):
-    log = run("train.py", "--data-dir", str(corpus), "--eval-only", "--checkpoint", str(trained / "best_model.pt"))
+    log = run("train.py", "--data-dir", str(corpus), "--eval-only", "--checkpoint", str(trained / "best_model"))
     result = json.loads((trained / "results.json").read_text())
     assert f"F1={result['test_f1'] * 100:.2f}" in log.split("test:")[1]
     assert "longer than 20 word pieces" in log  # the checkpoint's --max-seq-length, not the default 128
@@ -133,7 +144,7 @@ def test_eval_only_warns_when_the_data_changed(trained, corpus, tmp_path):
     shutil.copytree(corpus, data)
     lines = (data / "MNER-MI_val.txt").read_text().splitlines()
     (data / "MNER-MI_val.txt").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
-    log = run("train.py", "--data-dir", str(data), "--eval-only", "--checkpoint", str(trained / "best_model.pt"))
+    log = run("train.py", "--data-dir", str(data), "--eval-only", "--checkpoint", str(trained / "best_model"))
     assert "warning: not the data the model was trained and scored on: val file" in log
     assert "test file" not in log
 
@@ -142,9 +153,9 @@ def test_predict_writes_entities(trained, corpus, tmp_path):
     lines = (corpus / "MNER-MI_test.txt").read_text().splitlines()[:5]
     posts, out = tmp_path / "posts.jsonl", tmp_path / "out.jsonl"
     posts.write_text("\n".join(json.dumps({k: v for k, v in json.loads(x).items() if k != "label"}) for x in lines))
-    checkpoint = str(trained / "best_model.pt")
+    model = str(trained / "best_model")
     images = str(corpus / "images")
-    run("-m", "tpm_fast.predict", "--checkpoint", checkpoint, "--input", str(posts), "--image-dir", images,
+    run("-m", "tpm_fast.predict", "--model", model, "--input", str(posts), "--image-dir", images,
         "--output", str(out))  # fmt: skip
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(records) == 5 and any(rec["entities"] for rec in records)
@@ -171,7 +182,7 @@ def test_zero_stages_and_precisions(corpus, tmp_path, stage, extra):
     assert choice(tmp_path, "zero_stage") == str(stage) and 0 <= result(tmp_path)["test_f1"] <= 1
     steps = [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == list(range(1, 25 if stage == 3 else 13))  # 24 batches: 12 steps of 2 micro-batches from the file
-    weights = torch.load(tmp_path / "best_model.pt", weights_only=True)["state_dict"]
+    weights = exported_weights(tmp_path)
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}  # fp32 master weights
 
 
@@ -191,7 +202,7 @@ def test_deepspeed_launcher_two_ranks_with_image_less_posts(corpus, tmp_path, st
     out = tmp_path / "out"
     assert json.loads((out / "run.json").read_text())["device"]["ranks"] == 2 and 0 <= result(out)["test_f1"] <= 1
     if stage == "auto":  # a tiny model on two ranks: plain data parallel (ZeRO-0), exported from the module
-        assert choice(out, "zero_stage") == "0" and (out / "best_model.pt").is_file()
+        assert choice(out, "zero_stage") == "0" and (out / "best_model" / "model.safetensors").is_file()
 
 
 def test_bf16_without_the_engine_resumes_and_exports_fp32(corpus, tmp_path):
@@ -205,7 +216,7 @@ def test_bf16_without_the_engine_resumes_and_exports_fp32(corpus, tmp_path):
     )
     log = run(*args, "--epochs", "2", "--precision", "bf16", "--bucket", "on", "--resume")
     assert "resumed from" in log and epochs_logged(tmp_path) == [1, 2]
-    weights = torch.load(tmp_path / "best_model.pt", weights_only=True)["state_dict"]
+    weights = exported_weights(tmp_path)
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
 
 
@@ -214,6 +225,7 @@ def test_compile_fast_path_options(corpus, tmp_path):
     log = run("train.py", "--data-dir", str(corpus), "--output-dir", str(tmp_path), *SMALL, "--epochs", "1",
               "--limit", "8", "--compile", "--no-fused-adamw", "--precision", "fp32")  # fmt: skip
     assert "test P=" in log and 0 <= result(tmp_path)["test_f1"] <= 1
+    assert (tmp_path / "best_model" / "model.safetensors").is_file()
 
 
 def test_triton_backend_and_train_f1(corpus, tmp_path):

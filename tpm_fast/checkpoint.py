@@ -1,4 +1,4 @@
-"""Checkpoints that resume a run exactly: atomic, verified on load, rotated, and the source of ``best_model.pt``.
+"""Checkpoints that resume a run exactly: atomic, verified on load, rotated, and the source of the model export.
 
 A checkpoint is the folder ``OUTPUT/checkpoints/step<N>`` (N = training steps done) holding
 
@@ -213,7 +213,7 @@ def clear_staging(ckpt_dir: Path) -> None:
 
 
 def rotate(ckpt_dir: Path, keep: int, best_step: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints, and the one of ``best_step`` (``best_model.pt``'s source)."""
+    """Delete all but the newest ``keep`` checkpoints, and the one of ``best_step`` (the model export's source)."""
     folders = checkpoints(ckpt_dir)
     for folder in folders[: max(0, len(folders) - keep)]:
         if step_of(folder) != best_step:
@@ -247,10 +247,17 @@ def finished(out: Path, state: TrainState) -> bool:
 
 
 def exported_step(path: Path) -> int | None:
-    """The training step ``best_model.pt`` was exported at (None: absent or unreadable)."""
+    """The training step the export at ``path`` was made at (None: absent or unreadable).
+
+    Args:
+        path: an export folder (its ``config.json`` records ``training.step``) or a legacy ``best_model.pt`` file.
+    """
+    path = Path(path)
     try:
+        if path.is_dir():
+            return json.loads((path / "config.json").read_text(encoding="utf-8")).get("training", {}).get("step")
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
-    except (OSError, RuntimeError, ValueError):
+    except (OSError, RuntimeError, ValueError, AttributeError):
         return None
 
 

@@ -8,7 +8,6 @@ logged loss, posts and image counts over the ranks; with one rank nothing here n
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
@@ -22,14 +21,15 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
-from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 from tpm_fast.data.bucketing import LengthBucketSampler
 from tpm_fast.data.dataset import MNERDataset
 from tpm_fast.data.feed import ImageFeed, assemble
 from tpm_fast.data.images import ImageSpec, ImageStats
+from tpm_fast.export import load_pretrained, save_pretrained
 from tpm_fast.metrics import entity_scores, word_tags
-from tpm_fast.model import TPMMI, load_model, save_model
+from tpm_fast.model import TPMMI
 from tpm_fast.plain_engine import PlainEngine
 
 ENCODER_PREFIXES = ("bert.", "images.vit.")
@@ -351,24 +351,34 @@ def summed_over_ranks(stats: ImageStats) -> ImageStats:
 
 
 def export_model(
-    model: TPMMI, state_dict: dict, tokenizer, spec: ImageSpec, max_seq_length: int, path: Path, **extra
-) -> None:
-    """Write an exported model: ``path`` (config, fp32 weights, image spec, max length) and ``tokenizer/`` beside it.
+    model: TPMMI,
+    state_dict: dict,
+    tokenizer,
+    spec: ImageSpec,
+    max_seq_length: int,
+    path: Path,
+    card: dict | None = None,
+    files: dict[str, Path] | None = None,
+    **training,
+) -> Path:
+    """Write the export folder ``path`` (:func:`tpm_fast.export.save_pretrained`): config, fp32 ``state_dict``,
+    tokenizer, image settings, model card, ``files`` (name -> path, copied in); ``training`` (e.g. ``epoch``,
+    ``step``) is recorded in its config.
 
-    Everything inference needs is in the two, none of the pretrained folders the model was trained from.
+    Everything inference needs is in the folder, none of the pretrained folders the model was trained from.
+
+    Returns:
+        ``path``.
     """
-    image_spec = dataclasses.asdict(spec)
-    save_model(model, path, dict(extra, max_seq_length=max_seq_length, image_spec=image_spec), state_dict)
-    tokenizer.save_pretrained(path.parent / "tokenizer")
+    return save_pretrained(model, path, tokenizer=tokenizer, image_spec=spec, max_seq_length=max_seq_length,
+                           state_dict=state_dict, card=card, training=training, files=files)  # fmt: skip
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[TPMMI, object, ImageSpec, int]:
-    """Load what :func:`export_model` wrote: (model in eval mode, tokenizer, image spec, max word pieces)."""
-    path = Path(path)
-    model, blob = load_model(path, device)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent / "tokenizer", local_files_only=True)
-    spec = ImageSpec(**blob.get("image_spec", {}))
-    return model, tokenizer, spec, blob.get("max_seq_length", 128)
+    """Load an export folder or a legacy ``best_model.pt`` (:func:`tpm_fast.export.load_pretrained`): (model in eval
+    mode, tokenizer, image spec, max word pieces)."""
+    exported = load_pretrained(path, device)
+    return exported.model, exported.tokenizer, exported.image_spec, exported.max_seq_length
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

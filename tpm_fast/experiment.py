@@ -288,7 +288,8 @@ def _predictions(run: Path, split: str) -> list[TaggedPost]:
     if not path.is_file():
         raise SystemExit(
             f"{path}: no predictions (runs write them at their final test; for an older run: train.py --eval-only "
-            f"--checkpoint {run / 'best_model.pt'} --write-predictions --output-dir {run} and its data arguments)"
+            f"--checkpoint {run / 'best_model'} (best_model.pt before) --write-predictions --output-dir {run} and its "
+            "data arguments)"
         )
     return read_conll(path)
 

@@ -153,6 +153,37 @@ class TPMMI(nn.Module):
             return loss
         return loss, self.crf.decode(emissions.detach(), mask, as_tensor=True, validate=False)[0]
 
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        *,
+        tokenizer,
+        image_spec,
+        max_seq_length: int,
+        state_dict: dict[str, Tensor] | None = None,
+        card: dict | None = None,
+        training: dict | None = None,
+        files: dict[str, Path] | None = None,
+    ) -> Path:
+        """Write the shareable export folder: :func:`tpm_fast.export.save_pretrained` (which documents the arguments).
+
+        Returns:
+            ``directory`` as a Path.
+        """
+        from tpm_fast.export import save_pretrained  # the export module builds on this one
+
+        return save_pretrained(self, directory, tokenizer=tokenizer, image_spec=image_spec,
+                               max_seq_length=max_seq_length, state_dict=state_dict, card=card,
+                               training=training, files=files)  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> TPMMI:
+        """The model (eval mode, on ``device``) of an export folder or a legacy ``best_model.pt``, loaded offline;
+        :func:`tpm_fast.export.load_pretrained` also returns its tokenizer, image settings and max length."""
+        from tpm_fast.export import load_pretrained
+
+        return load_pretrained(path, device).model
+
     @torch.no_grad()
     def decode(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Viterbi tags: (B, n) long padded with 0, and (B,) lengths.

@@ -8,6 +8,7 @@ all ranks' posts, posts/s counts every rank's posts, image counts are summed ove
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -30,14 +31,19 @@ from tpm_fast.engine import (
     step_record,
     summed_over_ranks,
 )
+from tpm_fast.export import update_card
 from tpm_fast.flops import step_flops
 from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.plain_engine import CHECKPOINT_FILE
-from tpm_fast.record import device_info, differences, read_record, run_record, write_record
+from tpm_fast.record import RUN_FILE, device_info, differences, read_record, run_record, write_record
 from tpm_fast.report import evaluation_report, tagged_posts, write_predictions
 from tpm_fast.session import Session, Training
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates (each reads the loss on the host: a sync on GPU)
+EXPORT = "best_model"  # the export folder in OUTPUT (tpm_fast.export)
+NOT_RECIPE = ("output_dir", "resume", "save_every", "keep_checkpoints", "eval_only", "checkpoint", "no_progress",
+              "debug", "local_rank", "data_dir", "dataset", "image_dir", "twitter2017_image_dir", "seed",
+              "ds_config")  # fmt: skip
 
 
 def refuse_other_run(out, resume: bool) -> None:
@@ -100,11 +106,36 @@ def save(s: Session, t: Training, state: TrainState) -> None:
         checkpoint.rotate(s.out / "checkpoints", s.args.keep_checkpoints, state.best_step)
 
 
-def export_best(s: Session, t: Training, state: TrainState) -> None:
-    """Rank 0: ``best_model.pt`` from the checkpoint of the best step (so the two never disagree)."""
+def model_card(s: Session, t: Training, dev: dict) -> dict:
+    """The export's model card facts: data, recipe (the training arguments, the precision and ZeRO stage chosen),
+    seed, and the dev scores ``dev`` (the test scores join after the final test)."""
+    args = s.args
+    data = {"folder": args.data_dir or "the embedded synthetic corpus", "dataset": args.dataset if args.data_dir
+            else "synthetic", "posts": {split: len(p) for split, p in s.posts.items()}}  # fmt: skip
+    recipe = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECIPE and v is not None}
+    settings = recipe.pop("recipe_settings", None)  # the --recipe's settings that have no flag (dropouts, init, ...)
+    for key, value in dataclasses.asdict(settings).items() if settings else ():
+        if key not in recipe and key not in NOT_RECIPE:
+            recipe[key] = value
+    recipe.update(precision=t.precision, zero_stage=t.stage, ranks=s.world)
+    return {"data": data, "recipe": recipe, "seeds": [args.seed], "scores": {"dev": dev}}
+
+
+def export_best(s: Session, t: Training, state: TrainState, dev: dict | None = None) -> None:
+    """Rank 0: the ``best_model`` export from the checkpoint of the best step (so the two never disagree).
+
+    Args:
+        dev: the best epoch's dev scores for the model card (None: read from its record in ``metrics.jsonl``).
+    """
     weights = checkpoint_weights(s.out / "checkpoints" / tag_of(state.best_step))
-    export_model(t.model, weights, s.tokenizer, s.spec, s.max_len, s.out / "best_model.pt", epoch=state.best_epoch,
-                 step=state.best_step)  # fmt: skip
+    if dev is None:  # a resume re-exports: the best epoch's record is in the log (cut back to the checkpoint)
+        records = map(json.loads, (s.out / "metrics.jsonl").read_text().splitlines())
+        best = next((r for r in records if "dev_f1" in r and r["step"] == state.best_step), {"dev_f1": state.best_f1})
+        dev = {k: best.get(f"dev_{k}") for k in ("precision", "recall", "f1")}
+    dev = {k: dev[k] for k in ("precision", "recall", "f1")}
+    record = {RUN_FILE: s.out / RUN_FILE} if (s.out / RUN_FILE).is_file() else {}  # the run record travels along
+    export_model(t.model, weights, s.tokenizer, s.spec, s.max_len, s.out / EXPORT, card=model_card(s, t, dev),
+                 files=record, epoch=state.best_epoch, step=state.best_step)  # fmt: skip
 
 
 def resume(s: Session, t: Training) -> tuple[TrainState, dict | None] | None:
@@ -126,7 +157,7 @@ def resume(s: Session, t: Training) -> tuple[TrainState, dict | None] | None:
         setattr(s.stats, name, count)
     if s.rank == 0:
         checkpoint.cut_log(s.out / "metrics.jsonl", state.metrics_bytes)  # records logged after it come again
-        if state.best_step and exported_step(s.out / "best_model.pt") != state.best_step:
+        if state.best_step and exported_step(s.out / EXPORT) != state.best_step:
             export_best(s, t, state)  # the run stopped between the checkpoint and its export
     best = f"best dev F1 {state.best_f1 * 100:.2f} (epoch {state.best_epoch})" if state.best_step else "no dev yet"
     s.say(f"resumed from {folder}: step {state.step}, epoch {state.epoch} done + {state.batch} batches; {best}")
@@ -267,7 +298,7 @@ def end_epoch(s: Session, t: Training, state: TrainState, epoch: int, work: dict
     state.train_gold, state.train_pred = [], []
     save(s, t, state)
     if better and s.rank == 0:
-        export_best(s, t, state)
+        export_best(s, t, state, dev)
     s.say(
         f"epoch {epoch}: loss {record['train_loss']:.4f} ({seconds:.0f} s, {work['posts'] / seconds:.0f} posts/s)"
         + (f" train F1 {record['train_f1'] * 100:.2f}" if args.train_f1 else "")
@@ -287,8 +318,8 @@ def final_test(s: Session, state: TrainState) -> dict | None:
         The results (None on other ranks).
     """
     out, metrics = s.out, s.out / "metrics.jsonl"
-    deepspeed.comm.barrier()  # rank 0 has written best_model.pt
-    model, *_ = load_exported(out / "best_model.pt", s.device)
+    deepspeed.comm.barrier()  # rank 0 has written the export
+    model, *_ = load_exported(out / EXPORT, s.device)
     model.backend = s.args.backend
     test = predictions(s, model, "test", "test")
     predictions(s, model, "val", "dev")  # the dev set at the best epoch, to read beside the test set
@@ -309,9 +340,10 @@ def final_test(s: Session, state: TrainState) -> dict | None:
         "step": state.step,
         "skipped_steps": state.skipped_steps,
     }
+    update_card(out / EXPORT, {"scores": {"test": {k: test[k] for k in ("precision", "recall", "f1")}}})
     append_jsonl(metrics, {"final": result})  # before results.json: a resume cuts it off and scores again
     checkpoint.write_atomically(out / "results.json", json.dumps(result, indent=2, sort_keys=True))
     s.say(f"best epoch {state.best_epoch} (dev F1 {state.best_f1 * 100:.2f}); test {format_scores(test)}")
     s.say(images.summary())
-    s.say(f"exported {out / 'best_model.pt'}; metrics in {metrics}; predictions in {out / 'predictions'}")
+    s.say(f"exported {out / EXPORT}; metrics in {metrics}; predictions in {out / 'predictions'}")
     return result

@@ -243,6 +243,47 @@ def read_conll(path: str | Path, image_dir: str | Path, labeled: bool = True) ->
     return posts
 
 
+def read_text_posts(path: str | Path, image_dir: str | Path, *, stats: ImageStats | None = None) -> list[Post]:
+    """Read raw text: one post per line, words split on whitespace (tokenized as the training data is).
+
+    A line may name the post's images after a TAB: ``words of the post<TAB>a.jpg b.jpg`` (names relative to
+    ``image_dir``, separated by spaces, at most :data:`~tpm_fast.data.images.MAX_IMAGES` kept); without a TAB the post
+    has no images. The post id is the line number, so output maps back to the input even though blank lines are
+    skipped.
+
+    Args:
+        path: the text file (UTF-8; BOM and CRLF tolerated).
+        image_dir: folder the image names are relative to.
+        stats: counters to add ``too_many`` to (a private one is used when None).
+
+    Returns:
+        The posts in file order, unlabeled (``labels`` None), with ids ``"1"``, ``"2"``, ... (line numbers).
+
+    Raises:
+        DataFormatError: ``"file:line: ..."`` for a line with images but no words, more than one TAB, or an image
+            name that leaves the image folder.
+    """
+    path, image_dir = Path(path), Path(image_dir)
+    stats = ImageStats() if stats is None else stats
+    posts: list[Post] = []
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        fields = line.split("\t")
+        if len(fields) > 2:
+            raise DataFormatError(f"{where}: expected 'words' or 'words<TAB>images', got {len(fields)} TAB fields")
+        words = fields[0].split()
+        if not words:
+            raise DataFormatError(f"{where}: images but no words")
+        names = fields[1].split() if len(fields) == 2 else []
+        names = [_check_image_name(n, where) for n in _keep_first_images(names, str(lineno), where, stats)]
+        images = [(image_dir / name).resolve() for name in names]
+        posts.append(Post(id=str(lineno), words=words, labels=None, images=images, source=where))
+    logger.debug("read %d posts from %s", len(posts), path)
+    return posts
+
+
 SPLIT_FILES: dict[str, dict[str, str]] = {
     **{d: {s: f"MNER-MI_{s}.txt" for s in SPLITS} for d in ("MI", "synthetic")},
     "UNI": {s: f"MNER-UNI_{s}.txt" for s in SPLITS},
