@@ -1,4 +1,10 @@
-"""Training and evaluation pieces used by ``train.py``: loaders, optimizer, evaluation, logs, model export."""
+"""Training and evaluation pieces used by ``train.py``: loaders, optimizer, evaluation, logs, model export.
+
+With several ranks (``torch.distributed`` initialized, gloo on CPU, nccl on GPU) training loaders shard the data with
+a seeded shuffle, evaluation loaders deal out the one-rank run's batches (:class:`EvalShards`), :func:`predict_tags`
+gathers every rank's predictions in the data's order, and :class:`GuardedSteps` and :func:`summed_over_ranks` sum the
+logged loss, posts and image counts over the ranks; with one rank nothing here needs ``torch.distributed``.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +12,21 @@ import itertools
 import json
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from tpm_fast.data.bucketing import LengthBucketSampler
 from tpm_fast.data.dataset import MNERDataset
-from tpm_fast.data.feed import ImageFeed
-from tpm_fast.data.images import ImageSpec
+from tpm_fast.data.feed import ImageFeed, assemble
+from tpm_fast.data.images import ImageSpec, ImageStats
 from tpm_fast.export import load_pretrained, save_pretrained
 from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.model import TPMMI
@@ -56,6 +62,39 @@ class ResumableBatches(Sampler[list[int]]):
         return itertools.islice(iter(self.batches), self.skip, None)
 
 
+class EvalShards(Sampler[list[int]]):
+    """The unshuffled batches of one rank: the one-rank run's batches (``batch_size`` consecutive posts each, the last
+    one shorter), dealt out to the ranks in contiguous blocks whose sizes differ by at most one batch.
+
+    Every post is in exactly one rank's batches, and every batch holds the posts it holds on one rank, so decoding
+    gives the one-rank predictions exactly; concatenating the ranks' predictions in rank order gives the data's order.
+
+    Args:
+        n: posts in the dataset.
+        batch_size: posts per batch.
+        world, rank: data-parallel ranks and this one.
+    """
+
+    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0) -> None:
+        if batch_size < 1 or world < 1 or not 0 <= rank < world or n < 0:
+            raise ValueError(f"bad n={n}, batch_size={batch_size}, world={world} or rank={rank}")
+        self.n, self.batch_size, self.world, self.rank = n, batch_size, world, rank
+        total = -(-n // batch_size)
+        self.bounds = [r * total // world for r in range(world + 1)]  # rank r: batches bounds[r] .. bounds[r+1]-1
+
+    @property
+    def most(self) -> int:
+        """The batches of the rank with the most (ranks with fewer run as many forwards: see :func:`predict_tags`)."""
+        return max(b - a for a, b in itertools.pairwise(self.bounds))
+
+    def __len__(self) -> int:
+        return self.bounds[self.rank + 1] - self.bounds[self.rank]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in range(self.bounds[self.rank], self.bounds[self.rank + 1]):
+            yield list(range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)))
+
+
 def seed_worker(seed: int, worker_id: int) -> None:
     """``worker_init_fn``: seed a DataLoader worker's Python, numpy and torch generators from (run seed, worker id).
 
@@ -79,8 +118,10 @@ def make_loader(
     bucket: bool = False,
 ) -> DataLoader:
     """A DataLoader of :class:`~tpm_fast.data.dataset.PostBatch` with dynamic padding (wrap it in an
-    :class:`~tpm_fast.data.feed.ImageFeed` for the images); training loaders shard the data over ranks with a seeded
-    shuffle.
+    :class:`~tpm_fast.data.feed.ImageFeed` for the images). Training loaders (``shuffle=True``) shard the data over
+    ranks with a seeded shuffle (``DistributedSampler``, which pads the data to a multiple of ``world`` by repeating
+    posts); unshuffled loaders give rank ``rank`` its block of the one-rank batches (:class:`EvalShards`, no post
+    repeated), for :func:`predict_tags` to gather.
 
     With ``bucket=True`` (training loaders only) batches are length-bucketed
     (:class:`~tpm_fast.data.bucketing.LengthBucketSampler`): posts of similar length share a batch, so batches pad
@@ -96,7 +137,7 @@ def make_loader(
         sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
         batches = ResumableBatches(BatchSampler(sampler, batch_size, drop_last=False))
     else:
-        batches = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
+        batches = EvalShards(len(dataset), batch_size, world, rank)
     return DataLoader(
         dataset,
         batch_sampler=batches,
@@ -122,36 +163,56 @@ class GuardedSteps:
     gradients are caught by ``PlainEngine.step`` (which returns False) or by DeepSpeed's ZeRO-1/2 optimizer (counted
     in its ``skipped_steps``). With accumulation every micro-batch is backpropagated (the ranks' collectives stay in
     step) and a non-finite loss reaches the gradients, where those two checks skip the step; DeepSpeed's
-    ZeRO-0/3 have no such check, so ``train.py`` refuses accumulation there. One host read of the loss per
-    micro-batch.
+    ZeRO-0/3 have no such check, so ``train.py`` refuses accumulation there.
+
+    The step's loss is the mean over all ranks' posts (each micro-batch's mean loss weighted by its ``posts``): the
+    losses stay on the device until the step's boundary, where one all-reduce of (loss sum, posts) over the ranks
+    gives the mean, the step's posts (:attr:`posts`) and whether any rank's loss was non-finite; one host read of
+    it per optimizer step.
 
     Args:
         engine: ``PlainEngine`` or a DeepSpeed engine (whose gradient accumulation boundaries are set here).
         accumulation: micro-batches per optimizer step.
+
+    Attributes:
+        posts: the posts of the last optimizer step, summed over the ranks.
     """
 
     def __init__(self, engine, accumulation: int = 1) -> None:
         self.engine = engine
         self.accumulation = accumulation
         self.deepspeed = not isinstance(engine, PlainEngine)
-        self.losses: list[float] = []
+        self.posts = 0
+        self._sums: torch.Tensor | None = None  # shape: (2,) float64: the step's sum of loss x posts, and its posts
 
     def begin(self, boundary: bool) -> None:
         """Call before a micro-batch's forward; ``boundary``: the micro-batch ends an optimizer step."""
         if self.accumulation > 1 and self.deepspeed:
             self.engine.set_gradient_accumulation_boundary(boundary)
 
-    def backward(self, loss: torch.Tensor, size: int, boundary: bool) -> tuple[float, bool] | None:
+    def backward(self, loss: torch.Tensor, size: int, boundary: bool, posts: int = 1) -> tuple[float, bool] | None:
         """Backpropagate one micro-batch's loss (divided by ``size``, the micro-batches of its step); at a
         ``boundary``, step the optimizer.
 
+        Args:
+            loss: the micro-batch's mean loss (a scalar).
+            size: micro-batches of this optimizer step.
+            boundary: the micro-batch ends the step.
+            posts: posts of the micro-batch on this rank (the weight of its loss in the step's mean).
+
         Returns:
-            None inside an accumulation; at a boundary (the step's mean micro-batch loss, whether it was applied).
+            None inside an accumulation; at a boundary (the step's mean loss over all ranks' posts, whether the step
+            was applied).
         """
-        value = float(loss.detach())
-        self.losses.append(value)
+        weighted = loss.detach().double() * posts  # stays on the device: no host read per micro-batch
+        sums = torch.stack([weighted, torch.full_like(weighted, posts)])
+        self._sums = sums if self._sums is None else self._sums + sums
         if self.accumulation == 1:
-            applied = self._step_unless_nonfinite(loss, value)
+            total, count = self._reduce()
+            applied = math.isfinite(total)  # all ranks skip, or none: the sum is non-finite if any rank's loss is
+            if applied:
+                self.engine.backward(loss)
+                applied = self._step()
         else:
             scaled = loss / size if size > 1 else loss
             if self.deepspeed:
@@ -160,20 +221,18 @@ class GuardedSteps:
                 self.engine.backward(scaled)
             if not boundary:
                 return None
-            applied = self._step() and all(math.isfinite(v) for v in self.losses)
-        mean, self.losses = sum(self.losses) / len(self.losses), []
-        return mean, applied
+            total, count = self._reduce()
+            applied = self._step() and math.isfinite(total)
+        self.posts = int(count)
+        return total / count, applied
 
-    def _step_unless_nonfinite(self, loss: torch.Tensor, value: float) -> bool:
-        finite = math.isfinite(value)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:  # all ranks skip, or none
-            flag = torch.tensor([float(finite)], device=loss.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = bool(flag.item())
-        if not finite:
-            return False
-        self.engine.backward(loss)
-        return self._step()
+    def _reduce(self) -> tuple[float, float]:
+        """The step's (sum of loss x posts, posts) over all ranks (one all-reduce with several); resets the sums."""
+        sums, self._sums = self._sums, None
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(sums)
+        total, count = sums.tolist()
+        return total, count
 
     def _step(self) -> bool:
         skipped = getattr(self.engine, "skipped_steps", 0)
@@ -222,7 +281,22 @@ def optimizer_and_schedule(
 def predict_tags(model: nn.Module, feed: ImageFeed, desc: str = "eval", progress: bool = True) -> list[list[str]]:
     """Viterbi-decode an unshuffled feed of an :class:`MNERDataset`: one tag string per word of each post.
 
-    The feed counts the image events of its batches (repaired, missing, ...) in its ``stats``.
+    With several ranks (the feed's batches are an :class:`EvalShards` of ``world > 1``, from :func:`make_loader`)
+    every rank calls this: each decodes its own batches, then the predictions are gathered (one all-gather, after the
+    loop), so every rank returns those of the whole dataset, in its order, exactly as one rank decoding everything.
+    A rank with fewer batches than another decodes a one-post batch for each missing one and drops the result: the
+    ranks run as many forwards (ZeRO-3 gathers the parameters in each).
+
+    The feed counts the image events of its batches (repaired, missing, ...) in its ``stats``: with several ranks each
+    rank counts its own batches' (:func:`summed_over_ranks` sums them).
+
+    Args:
+        model: a :class:`~tpm_fast.model.TPMMI` (or a module wrapping one, with ``decode`` and ``config.labels``).
+        feed: the feed of an unshuffled loader (:func:`make_loader` with ``shuffle=False``).
+        desc, progress: the progress bar's label, and whether to show it.
+
+    Returns:
+        One list of tag strings per post of ``feed.dataset``, as long as the post's words.
     """
     was_training = model.training
     model.eval()
@@ -231,18 +305,49 @@ def predict_tags(model: nn.Module, feed: ImageFeed, desc: str = "eval", progress
         tags, _ = model.decode(batch.tensors)
         n_words = [len(posts[i].words) for i in batch.host["index"].tolist()]
         pred += word_tags(tags.cpu(), batch.host["first_piece"], n_words, model.config.labels)
+    shards = feed.loader.batch_sampler
+    if isinstance(shards, EvalShards) and shards.world > 1:
+        if len(shards) < shards.most:  # the first post, assembled here: its images are not counted again
+            filler = assemble(feed.loader.collate_fn([feed.dataset[0]]), feed.source, feed.device, feed.dtype)
+            for _ in range(shards.most - len(shards)):
+                model.decode(filler.tensors)
+        parts: list[list[list[str]]] = [[] for _ in range(shards.world)]
+        torch.distributed.all_gather_object(parts, pred)
+        pred = [tags for part in parts for tags in part]  # rank order = the data's order
     model.train(was_training)
+    if len(pred) != len(posts):
+        raise RuntimeError(f"decoded {len(pred)} of {len(posts)} posts: the feed must come from an unshuffled loader")
     return pred
 
 
 def evaluate(model: nn.Module, feed: ImageFeed, **kwargs) -> dict:
-    """Decode (:func:`predict_tags`, same keyword arguments) and score entities on first pieces.
+    """Decode (:func:`predict_tags`, same keyword arguments; with several ranks, every rank calls this) and score
+    entities on first pieces.
 
     Returns:
-        :func:`tpm_fast.metrics.entity_scores` of the whole set.
+        :func:`tpm_fast.metrics.entity_scores` of the whole set (the same on every rank).
     """
     pred = predict_tags(model, feed, **kwargs)
     return entity_scores([p.labels for p in feed.dataset.posts], pred)
+
+
+def sum_over_ranks(values: Sequence[float]) -> list[float]:
+    """The element-wise sum of ``values`` over all ranks (one all-reduce; every rank calls this); ``values`` itself
+    without ``torch.distributed`` or with one rank. Integers up to 2**53 stay exact (float64)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [float(v) for v in values]
+    nccl = torch.distributed.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    sums = torch.tensor(list(values), dtype=torch.float64, device=device)  # shape: (len(values),)
+    torch.distributed.all_reduce(sums)
+    return sums.tolist()
+
+
+def summed_over_ranks(stats: ImageStats) -> ImageStats:
+    """A new :class:`~tpm_fast.data.images.ImageStats` holding ``stats``' counters summed over all ranks (every rank
+    calls this; each rank's ``stats`` count the images of its own batches, so the sum counts each image once)."""
+    sums = sum_over_ranks([getattr(stats, k) for k in ImageStats.COUNTERS])
+    return ImageStats(**{k: int(v) for k, v in zip(ImageStats.COUNTERS, sums)})
 
 
 def export_model(

@@ -49,7 +49,8 @@ class Session:
         args: ``train.py``'s parsed arguments.
         rank, world, device: this rank, the number of ranks, the training device.
         say: ``print`` on rank 0, silent elsewhere; progress: whether this rank shows progress bars.
-        posts: the train/val/test posts; stats: the run's image counters.
+        posts: the train/val/test posts; stats: this rank's image counters (the images of its batches; the readers'
+            counts on rank 0 only): :func:`tpm_fast.engine.summed_over_ranks` gives the run's.
         tokenizer, spec, max_len, image_mode: the text and image processing (an ``--eval-only`` run takes them from
             the exported model, ``model``).
         source: where images come from (None in text mode).
@@ -87,7 +88,8 @@ class Session:
         return data
 
     def feed(self, data: MNERDataset, batch_size: int, shuffle=False, bucket=False, dtype=torch.float32) -> ImageFeed:
-        """Batches of ``data`` on the device with their images (this rank's shard when ``shuffle``)."""
+        """Batches of ``data`` on the device with their images: this rank's shard (shuffled, or for an unshuffled
+        feed its block of the one-rank batches, which :func:`tpm_fast.engine.evaluate` gathers)."""
         batches = make_loader(data, batch_size, shuffle, self.args.seed, self.rank, self.world, bucket=bucket)
         return ImageFeed(batches, self.source, self.device, dtype, self.stats)
 
@@ -164,7 +166,8 @@ def prepare(args: argparse.Namespace) -> Session:
     dataset = args.dataset if args.data_dir else "synthetic"
     stats = ImageStats()
     folders = dict(image_dir=args.image_dir, twitter2017_image_dir=args.twitter2017_image_dir)
-    posts = {s: load_split(data_dir, dataset, s, stats=stats, **folders) for s in ("train", "val", "test")}
+    read = stats if rank == 0 else ImageStats()  # every rank reads every split: its counts are summed once
+    posts = {s: load_split(data_dir, dataset, s, stats=read, **folders) for s in ("train", "val", "test")}
     if args.limit:
         posts = {s: p[: args.limit] for s, p in posts.items()}
     for split, p in posts.items():

@@ -1,5 +1,10 @@
 """The steps of ``train.py`` after set-up (:mod:`tpm_fast.session`): resume, train one epoch, evaluate on the dev set,
-checkpoint and export, score the test set. Every rank calls each of them; records are written by rank 0."""
+checkpoint and export, score the test set. Every rank calls each of them; records are written by rank 0.
+
+With several ranks every rank decodes its shard of the dev and test sets (gathered by
+:func:`tpm_fast.engine.evaluate`), and what is logged is the run's, not rank 0's: step and epoch losses are means over
+all ranks' posts, posts/s counts every rank's posts, image counts are summed over the ranks.
+"""
 
 from __future__ import annotations
 
@@ -24,13 +29,14 @@ from tpm_fast.engine import (
     predict_tags,
     set_epoch,
     step_record,
+    summed_over_ranks,
 )
 from tpm_fast.export import update_card
 from tpm_fast.flops import step_flops
 from tpm_fast.metrics import entity_scores, word_tags
 from tpm_fast.plain_engine import CHECKPOINT_FILE
 from tpm_fast.record import RUN_FILE, device_info, differences, read_record, run_record, write_record
-from tpm_fast.report import write_predictions
+from tpm_fast.report import evaluation_report, tagged_posts, write_predictions
 from tpm_fast.session import Session, Training
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates (each reads the loss on the host: a sync on GPU)
@@ -56,16 +62,18 @@ def warn_if_data_changed(s: Session, recorded: dict, what: str) -> None:
 
 
 def predictions(s: Session, model, split: str, desc: str) -> dict:
-    """Decode ``split`` with ``model`` and write OUTPUT/predictions/<split>.conll and its report
-    (:func:`tpm_fast.report.write_predictions`).
+    """Decode ``split`` with ``model`` (every rank calls this and decodes its shard; the predictions are gathered) and,
+    on rank 0, write OUTPUT/predictions/<split>.conll and its report (:func:`tpm_fast.report.write_predictions`).
 
     Returns:
-        The report: micro ``precision``/``recall``/``f1`` and ``per_type`` as :func:`~tpm_fast.engine.evaluate`'s,
-        plus ``by_images`` and the error counts.
+        The report, on every rank: micro ``precision``/``recall``/``f1`` and ``per_type`` as
+        :func:`~tpm_fast.engine.evaluate`'s, plus ``by_images`` and the error counts.
     """
     data = s.dataset(split)
     pred = predict_tags(model, s.feed(data, s.args.eval_batch_size), desc=desc, progress=s.progress)
-    return write_predictions(s.out / "predictions", split, data.posts, pred)
+    if s.rank == 0:
+        return write_predictions(s.out / "predictions", split, data.posts, pred)
+    return evaluation_report(tagged_posts(data.posts, pred))
 
 
 def evaluate_only(s: Session) -> None:
@@ -78,20 +86,20 @@ def evaluate_only(s: Session) -> None:
     if s.rank == 0 and recorded:
         warn_if_data_changed(s, recorded, "the model was trained and scored on")
     for split in ("val", "test"):
-        if s.args.write_predictions and s.rank == 0:
+        if s.args.write_predictions:  # every rank decodes its shard; rank 0 writes
             scores = predictions(s, s.model, split, split)
         else:
             scores = evaluate(s.model, s.feed(s.dataset(split), s.args.eval_batch_size), progress=s.progress)
         s.say(f"{split}: {format_scores(scores)}")
     if s.args.write_predictions:
         s.say(f"predictions and reports in {s.out / 'predictions'}")
-    s.say(s.stats.summary())
+    s.say(summed_over_ranks(s.stats).summary())
 
 
 def save(s: Session, t: Training, state: TrainState) -> None:
     """Every rank: an atomic checkpoint at ``state.step``, then (rank 0) the rotation of old ones."""
     metrics = s.out / "metrics.jsonl"
-    state.images = s.stats.as_dict()
+    state.images = summed_over_ranks(s.stats).as_dict()  # the run's counts (restored on rank 0 only)
     state.metrics_bytes = metrics.stat().st_size if metrics.is_file() else 0
     checkpoint.save(t.engine, s.out / "checkpoints", state, s.rank, deepspeed.comm.barrier)
     if s.rank == 0:
@@ -145,7 +153,7 @@ def resume(s: Session, t: Training) -> tuple[TrainState, dict | None] | None:
     if state.epoch >= s.args.epochs and finished(s.out, state):
         s.say(f"{s.out} finished at step {state.step} ({state.epoch} epochs; {s.out / 'results.json'}): nothing to do")
         return None
-    for name, count in state.images.items():
+    for name, count in state.images.items() if s.rank == 0 else ():  # the run's counts; the other ranks count anew
         setattr(s.stats, name, count)
     if s.rank == 0:
         checkpoint.cut_log(s.out / "metrics.jsonl", state.metrics_bytes)  # records logged after it come again
@@ -189,7 +197,8 @@ def train_epoch(s: Session, t: Training, state: TrainState, epoch: int, steps: G
     is logged with ``loss_scale_overflow`` and not counted there: the scaler lowers the scale and goes on).
 
     Returns:
-        {"seconds", "posts", "flops"} of this process's share of the epoch (posts and FLOPs of all ranks).
+        {"seconds", "posts", "flops"} of this process's share of the epoch (the posts of all ranks, counted; FLOPs
+        estimated as this rank's times the ranks).
     """
     args, loader, world = s.args, t.train_loader, s.world
     metrics, ckpt_dir = s.out / "metrics.jsonl", s.out / "checkpoints"
@@ -211,12 +220,12 @@ def train_epoch(s: Session, t: Training, state: TrainState, epoch: int, steps: G
             state.train_gold += gold
         else:
             loss = t.engine(batch.tensors)
-        done = steps.backward(loss, size, boundary)
+        done = steps.backward(loss, size, boundary, posts=batch.host["input_ids"].shape[0])
         state.batch += 1
-        seen += batch.host["input_ids"].shape[0] * world
         if done is None:  # inside an accumulation: checkpoints and records are per optimizer step
             continue
-        value, applied = done
+        value, applied = done  # value: the mean loss over all ranks' posts
+        seen += steps.posts  # the step's posts on all ranks
         state.step += 1
         overflow = not applied and t.precision == "fp16" and math.isfinite(value)  # the loss scale is lowered
         if applied:
@@ -263,7 +272,8 @@ def end_epoch(s: Session, t: Training, state: TrainState, epoch: int, work: dict
         The epoch's record (as appended to ``metrics.jsonl``).
     """
     args, seconds = s.args, work["seconds"]
-    dev = evaluate(t.model, t.dev_loader, desc="dev", progress=s.progress)
+    dev = evaluate(t.model, t.dev_loader, desc="dev", progress=s.progress)  # each rank decodes its shard
+    images = summed_over_ranks(s.stats)
     better = dev["f1"] > state.best_f1 or args.recipe_settings.select_ties and dev["f1"] == state.best_f1
     if better:
         state.best_f1, state.best_epoch, state.best_step = dev["f1"], epoch, state.step
@@ -280,7 +290,7 @@ def end_epoch(s: Session, t: Training, state: TrainState, epoch: int, work: dict
         "dev_f1": dev["f1"],
         "dev_per_type": dev["per_type"],
         "skipped_steps": state.skipped_steps,
-        "images": s.stats.as_dict(),
+        "images": images.as_dict(),
     }
     if s.rank == 0:
         append_jsonl(s.out / "metrics.jsonl", record)
@@ -295,24 +305,27 @@ def end_epoch(s: Session, t: Training, state: TrainState, epoch: int, work: dict
         + f" dev {format_scores(dev)}"
         + (" *best*" if better else "")
     )
-    s.say(s.stats.summary())
+    s.say(images.summary())
     return record
 
 
 def final_test(s: Session, state: TrainState) -> dict | None:
-    """Rank 0: score the exported best model on the test set; writes ``results.json`` (and a final record), and the
-    test and dev predictions of that model with their reports (OUTPUT/predictions/{test,val}.conll, ``*_report.*``).
+    """Score the exported best model on the test set (every rank loads it and decodes its shard); rank 0 writes
+    ``results.json`` (and a final record), and the test and dev predictions of that model with their reports
+    (OUTPUT/predictions/{test,val}.conll, ``*_report.*``).
 
     Returns:
         The results (None on other ranks).
     """
-    if s.rank != 0:
-        return None
     out, metrics = s.out, s.out / "metrics.jsonl"
+    deepspeed.comm.barrier()  # rank 0 has written the export
     model, *_ = load_exported(out / EXPORT, s.device)
     model.backend = s.args.backend
     test = predictions(s, model, "test", "test")
     predictions(s, model, "val", "dev")  # the dev set at the best epoch, to read beside the test set
+    images = summed_over_ranks(s.stats)
+    if s.rank != 0:
+        return None
     result = {
         "best_epoch": state.best_epoch,
         "dev_f1": state.best_f1,
@@ -331,6 +344,6 @@ def final_test(s: Session, state: TrainState) -> dict | None:
     append_jsonl(metrics, {"final": result})  # before results.json: a resume cuts it off and scores again
     checkpoint.write_atomically(out / "results.json", json.dumps(result, indent=2, sort_keys=True))
     s.say(f"best epoch {state.best_epoch} (dev F1 {state.best_f1 * 100:.2f}); test {format_scores(test)}")
-    s.say(s.stats.summary())
+    s.say(images.summary())
     s.say(f"exported {out / EXPORT}; metrics in {metrics}; predictions in {out / 'predictions'}")
     return result

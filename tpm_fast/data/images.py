@@ -158,7 +158,8 @@ class ImageStats:
 
     Each image event (:meth:`record`) adds 1 to exactly one of ``OUTCOMES`` (ok, repaired, missing, undecodable,
     empty_file); ``converted`` additionally counts decoded images that were not RGB (CMYK, L, P, RGBA, ...);
-    ``too_many`` counts posts whose extra images (beyond 4) the readers dropped.
+    ``too_many`` counts posts whose extra images (beyond 4) the readers dropped. With several ranks each rank counts
+    the images of its own batches; :func:`tpm_fast.engine.summed_over_ranks` gives the run's counts.
     """
 
     ok: int = 0
