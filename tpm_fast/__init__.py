@@ -10,7 +10,7 @@ from tpm_fast.ops.crf import crf_log_likelihood, crf_viterbi
 from tpm_fast.ops.prefix_attention import key_bounds, prefix_attention
 from tpm_fast.plain_engine import PlainEngine
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     "CRF",
     "ImagePrefix",
