@@ -1,8 +1,5 @@
 """Build script for tpm-fast.
 
-The Triton kernels in the top-level ``kernels/`` folder are installed as the subpackage ``tpm_fast.kernels``
-(never as a top-level ``kernels`` package: that name belongs to another PyPI project).
-
 ``csrc/`` builds the optional native extension ``tpm_fast._C`` (C++ CPU kernels, registered as
 ``torch.ops.tpm_fast_native.*``). It needs torch importable at build time, so install with
 ``pip install --no-build-isolation``. Installing never fails for want of it: without torch at build time, without a
@@ -22,7 +19,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["tpm_fast", "tpm_fast.*"]) + ["tpm_fast.kernels"]
+packages = find_packages(include=["tpm_fast", "tpm_fast.*"])
 ROOT = Path(__file__).parent
 
 
@@ -129,7 +126,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"tpm_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

@@ -13,7 +13,7 @@ out=${OUT:-bench/results}
 mkdir -p "$out"
 export TRITON_INTERPRET=0 PIP_DISABLE_PIP_VERSION_CHECK=1
 ls wheels/*.whl >/dev/null 2>&1 && pip install -q --no-deps wheels/*.whl
-# maps kernels/ to tpm_fast.kernels and builds tpm_fast._C with the CUDA CRF (nvcc there; ~1 min for sm_90 only)
+# builds tpm_fast._C with the CUDA CRF (nvcc there; ~1 min for sm_90 only)
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} pip install -v --no-deps --no-build-isolation \
     -e . 2>&1 | grep "tpm-fast:" | tee "$out/build.txt"
 python -m tpm_fast.info | tee "$out/info.txt"

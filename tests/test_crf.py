@@ -230,7 +230,7 @@ def test_saved_alphas_are_shifted_per_step(with_tags):
 def test_confident_model_gradients_keep_fp32_precision(seed):
     """A trained tagger's batch (gold tags favoured by 8, paths scoring hundreds, -log-likelihood ~0.3): every
     gradient within 1e-5 of fp64 (~4e-7 here; the fp32 reference: ~1e-5 to 1e-4). Unshifted saved alphas and gold
-    entries formed as 1 - gamma lost ~4e-4 to 2e-3 here (see kernels/crf_bwd.py)."""
+    entries formed as 1 - gamma lost ~4e-4 to 2e-3 here (see tpm_fast/kernels/crf_bwd.py)."""
     errors = crf_grad_errors(*confident_crf_case(seed), backend="triton", device=DEVICE)
     assert max(errors) <= 1e-5, errors
 
