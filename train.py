@@ -216,9 +216,9 @@ def run(args: argparse.Namespace) -> None:
     started = trainer.start(s, t)  # a new run, or where the checkpoint --resume names left off
     if started is None:  # that run had finished
         return
-    state, steps, stop = started
+    state, steps = started
     for epoch in range(state.epoch + 1, args.epochs + 1):
-        work = trainer.train_epoch(s, t, state, epoch, steps, stop)
+        work = trainer.train_epoch(s, t, state, epoch, steps)
         trainer.end_epoch(s, t, state, epoch, work)  # dev scores, log, checkpoint, export
     trainer.final_test(s, state)
     deepspeed.comm.barrier()

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from transformers import BertTokenizer
 
+from tpm_fast.checkpoint import StopRequest
 from tpm_fast.data.bucketing import LengthBucketSampler
 from tpm_fast.data.dataset import MNERDataset
 from tpm_fast.data.feed import ImageFeed, PILImages
@@ -136,17 +137,20 @@ def decode_split(n: int, batch_size: int, rank: int = 0, world: int = 1) -> dict
     return {"pred": pred, "calls": model.calls, "own": len(feed), "images": summed_over_ranks(stats).as_dict()}
 
 
-def guarded_step(rank: int, accumulation: int, nan_rank: int | None = None) -> dict:
+def guarded_step(rank: int, accumulation: int, nan_rank: int | None = None, stop_rank: int | None = None) -> dict:
     """One optimizer step on a 1-weight model (of its own: the ranks do not reduce gradients) whose micro-batch ``k``
-    (from 1) has the loss ``(rank + 1) * k`` (NaN on ``nan_rank``) and ``rank + 2``, then ``rank + 1`` posts."""
+    (from 1) has the loss ``(rank + 1) * k`` (NaN on ``nan_rank``) and ``rank + 2``, then ``rank + 1`` posts;
+    ``stop_rank`` was asked to stop (as by SIGTERM) before the step."""
     loss_scale = float("nan") if rank == nan_rank else 1.0
     weight = nn.Parameter(torch.ones(()))
     engine = PlainEngine(nn.ParameterList([weight]), torch.optim.SGD([weight], lr=0.1))
-    steps = GuardedSteps(engine, accumulation)
+    stop = StopRequest(signals=())
+    stop.requested = rank == stop_rank
+    steps = GuardedSteps(engine, accumulation, stop)
     posts = [rank + 2, rank + 1][:accumulation]
     for k, n in enumerate(posts, 1):
         done = steps.backward(weight * loss_scale * (rank + 1) * k, accumulation, k == accumulation, posts=n)
-    return {"loss": done[0], "applied": done[1], "posts": steps.posts, "weight": weight.item()}
+    return {"loss": done[0], "applied": done[1], "posts": steps.posts, "weight": weight.item(), "stop": steps.stopping}
 
 
 def rank_worker(rank: int, world: int, folder: str) -> None:
@@ -156,7 +160,12 @@ def rank_worker(rank: int, world: int, folder: str) -> None:
     try:
         result = {
             "splits": [decode_split(13, 3, rank, world), decode_split(4, 4, rank, world)],
-            "steps": [guarded_step(rank, 1), guarded_step(rank, 2), guarded_step(rank, 1, nan_rank=1)],
+            "steps": [
+                guarded_step(rank, 1),
+                guarded_step(rank, 2),
+                guarded_step(rank, 1, nan_rank=1),
+                guarded_step(rank, 2, stop_rank=1),
+            ],  # fmt: skip
         }
         Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -166,7 +175,8 @@ def rank_worker(rank: int, world: int, folder: str) -> None:
 def test_sharded_evaluation_and_summed_logs_equal_one_rank(tmp_path):
     """Two gloo ranks: every rank returns the one-rank predictions in order after decoding only its own batches
     (13 posts in 5 batches: 2 + 3; 4 posts in 1 batch: 0 + 1), all ranks decode as often, images are counted once;
-    a step's loss is the mean over all ranks' posts, and a NaN on one rank skips the step on all."""
+    a step's loss is the mean over all ranks' posts, a NaN on one rank skips the step on all, and a stop request on
+    one rank stops all after the same step."""
     world = 2
     mp.start_processes(rank_worker, args=(world, str(tmp_path)), nprocs=world, start_method="fork")  # imports inherited
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
@@ -184,6 +194,8 @@ def test_sharded_evaluation_and_summed_logs_equal_one_rank(tmp_path):
         count = sum(sum(p[:accumulation]) for p in posts)
         for step in steps:
             assert step["loss"] == pytest.approx(sums / count, rel=1e-12) and step["applied"]
-            assert step["posts"] == count and step["weight"] != 1.0
+            assert step["posts"] == count and step["weight"] != 1.0 and not step["stop"]
     for step in (r["steps"][2] for r in ranks):  # rank 1's loss is NaN: no rank steps
         assert not step["applied"] and step["weight"] == 1.0 and step["loss"] != step["loss"]
+    assert [r["steps"][3]["stop"] for r in ranks] == [True] * world  # rank 1 was asked: both stop, after the step
+    assert all(r["steps"][3]["applied"] for r in ranks)

@@ -86,16 +86,6 @@ class StopRequest:
     def _catch(self, signum: int, frame) -> None:
         self.requested = True
 
-    def agreed(self) -> bool:
-        """True when any rank was asked to stop (an all-reduce with several ranks, so that all stop at one step)."""
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            flag = torch.tensor([float(self.requested)])
-            if torch.distributed.get_backend() == "nccl":
-                flag = flag.cuda()
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            return bool(flag.item())
-        return self.requested
-
 
 def rng_state() -> dict:
     """The generator states of this process: Python, numpy, torch CPU and (where present) every CUDA device."""

@@ -23,6 +23,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampl
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from tpm_fast.checkpoint import StopRequest
 from tpm_fast.data.bucketing import LengthBucketSampler
 from tpm_fast.data.dataset import MNERDataset
 from tpm_fast.data.feed import ImageFeed, assemble
@@ -166,23 +167,28 @@ class GuardedSteps:
     ZeRO-0/3 have no such check, so ``train.py`` refuses accumulation there.
 
     The step's loss is the mean over all ranks' posts (each micro-batch's mean loss weighted by its ``posts``): the
-    losses stay on the device until the step's boundary, where one all-reduce of (loss sum, posts) over the ranks
-    gives the mean, the step's posts (:attr:`posts`) and whether any rank's loss was non-finite; one host read of
-    it per optimizer step.
+    losses stay on the device until the step's boundary, where one all-reduce of (loss sum, posts, stop requests)
+    over the ranks gives the mean, the step's posts (:attr:`posts`), whether any rank's loss was non-finite and
+    whether any rank was asked to stop (:attr:`stopping`); one host read of it per optimizer step.
 
     Args:
         engine: ``PlainEngine`` or a DeepSpeed engine (whose gradient accumulation boundaries are set here).
         accumulation: micro-batches per optimizer step.
+        stop: the SIGTERM catcher whose request travels with the step's all-reduce (None: never stop).
 
     Attributes:
         posts: the posts of the last optimizer step, summed over the ranks.
+        stopping: some rank had been asked to stop when the last optimizer step's losses were reduced (all ranks
+            agree, so they stop at the same step).
     """
 
-    def __init__(self, engine, accumulation: int = 1) -> None:
+    def __init__(self, engine, accumulation: int = 1, stop: StopRequest | None = None) -> None:
         self.engine = engine
         self.accumulation = accumulation
         self.deepspeed = not isinstance(engine, PlainEngine)
+        self.stop = stop
         self.posts = 0
+        self.stopping = False
         self._sums: torch.Tensor | None = None  # shape: (2,) float64: the step's sum of loss x posts, and its posts
 
     def begin(self, boundary: bool) -> None:
@@ -227,11 +233,15 @@ class GuardedSteps:
         return total / count, applied
 
     def _reduce(self) -> tuple[float, float]:
-        """The step's (sum of loss x posts, posts) over all ranks (one all-reduce with several); resets the sums."""
-        sums, self._sums = self._sums, None
+        """The step's (sum of loss x posts, posts) over all ranks (one all-reduce with several, which also carries
+        the stop requests into :attr:`stopping`); resets the sums."""
+        requested = float(self.stop is not None and self.stop.requested)
+        sums = torch.cat([self._sums, self._sums.new_tensor([requested])])  # shape: (3,)
+        self._sums = None
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(sums)
-        total, count = sums.tolist()
+        total, count, requests = sums.tolist()
+        self.stopping = requests > 0
         return total, count
 
     def _step(self) -> bool:

@@ -164,11 +164,11 @@ def resume(s: Session, t: Training) -> tuple[TrainState, dict | None] | None:
     return state, rng
 
 
-def start(s: Session, t: Training) -> tuple[TrainState, GuardedSteps, checkpoint.StopRequest] | None:
+def start(s: Session, t: Training) -> tuple[TrainState, GuardedSteps] | None:
     """Begin the run, or continue it from the checkpoint ``--resume`` names, with every generator where it was.
 
     Returns:
-        (the run's state, the step driver, the SIGTERM catcher), or None when the resumed run had finished.
+        (the run's state, the step driver with its SIGTERM catcher), or None when the resumed run had finished.
     """
     state, rng = TrainState(), None
     if s.args.resume:
@@ -183,14 +183,13 @@ def start(s: Session, t: Training) -> tuple[TrainState, GuardedSteps, checkpoint
             warn_if_data_changed(s, recorded, "the run was started on")
         write_record(s.out, run_record(s.args, s.choices, device_info(s.device, s.world), s.data))
     deepspeed.comm.barrier()
-    stop, steps = checkpoint.StopRequest(), GuardedSteps(t.engine, s.args.grad_accum)
+    steps = GuardedSteps(t.engine, s.args.grad_accum, checkpoint.StopRequest())
     if rng is not None:  # last: setting up the resumed run drew from the generators
         checkpoint.set_rng_state(rng)
-    return state, steps, stop
+    return state, steps
 
 
-def train_epoch(s: Session, t: Training, state: TrainState, epoch: int, steps: GuardedSteps,
-                stop: checkpoint.StopRequest) -> dict:  # fmt: skip
+def train_epoch(s: Session, t: Training, state: TrainState, epoch: int, steps: GuardedSteps) -> dict:
     """Train epoch ``epoch`` from batch ``state.batch`` on: a step record per optimizer step, checkpoints every
     ``--save-every`` steps; SIGTERM checkpoints the step and exits with 143; ``--max-bad-steps`` non-finite steps in
     a row stop the run (under fp16, a step DeepSpeed's loss scaler skips for overflowing gradients of a finite loss
@@ -247,7 +246,7 @@ def train_epoch(s: Session, t: Training, state: TrainState, epoch: int, steps: G
                 f"-{state.step}, --max-bad-steps {args.max_bad_steps}); the last checkpoint, {newest}, is intact: "
                 "--resume from it with a lower --lr, or check the data of these steps"
             )
-        stopping = stop.agreed()  # SIGTERM on any rank: checkpoint this step, then exit
+        stopping = steps.stopping  # SIGTERM on any rank (agreed in the step's all-reduce): checkpoint, then exit
         if stopping or args.save_every and state.step % args.save_every == 0 and state.batch < len(loader):
             save(s, t, state)
         if stopping:
