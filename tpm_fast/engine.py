@@ -236,7 +236,7 @@ class GuardedSteps:
         """The step's (sum of loss x posts, posts) over all ranks (one all-reduce with several, which also carries
         the stop requests into :attr:`stopping`); resets the sums."""
         requested = float(self.stop is not None and self.stop.requested)
-        sums = torch.cat([self._sums, self._sums.new_tensor([requested])])  # shape: (3,)
+        sums = torch.cat([self._sums, self._sums.new_full((1,), requested)])  # shape: (3,); a fill, no host copy
         self._sums = None
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(sums)
