@@ -29,7 +29,8 @@ def device() -> torch.device:
 
 
 def device_name() -> str:
-    """File-name-safe device name: the CUDA device name, else "cpu-<CPU model name>"."""
+    """File-name-safe device name: the CUDA device name, else "cpu-<CPU model name>-<torch's CPU capability>"
+    (e.g. cpu-AMD-EPYC-AVX2)."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
     else:
@@ -41,7 +42,8 @@ def device_name() -> str:
                     break
         except OSError:
             pass
-        name = "cpu-" + (model.strip() or platform.machine() or "unknown")
+        # the vector ISA torch (and tpm_fast._C) dispatch to: one CPU model name covers AVX-512 and AVX2-only hosts
+        name = f"cpu-{model.strip() or platform.machine() or 'unknown'}-{torch.backends.cpu.get_cpu_capability()}"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
@@ -123,7 +125,7 @@ def pytest_sessionfinish(session, exitstatus):
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     threads = os.environ.get("TPM_BENCH_THREADS", "1")
     suffix = f"-{threads}threads" if device_name().startswith("cpu") and threads != "1" else ""
-    path = RESULTS_DIR / f"{device_name()}{suffix}.json"  # e.g. cpu-AMD-EPYC-2threads.json
+    path = RESULTS_DIR / f"{device_name()}{suffix}.json"  # e.g. cpu-AMD-EPYC-AVX2-2threads.json
     if path.exists():  # a partial run (-k ...) replaces its own benchmarks and keeps the others
         fresh = {b["fullname"] for b in output["benchmarks"]}
         kept = [b for b in json.loads(path.read_text())["benchmarks"] if b["fullname"] not in fresh]

@@ -10,7 +10,9 @@ typedef float vf_u __attribute__((vector_size(kW * 4), aligned(4), may_alias)); 
 
 static inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 static inline void store(float* p, vf x) { *reinterpret_cast<vf_u*>(p) = x; }
-static inline vf splat(float x) { return vf{} + x; }
+// x - 0 is x in IEEE arithmetic, so this folds to a broadcast (from memory: vbroadcastss); vf{} + x may not fold
+// (-0 + 0 = +0) and costs an add and a register broadcast per call, in the GEMM's innermost loop.
+static inline vf splat(float x) { return x - vf{}; }
 
 template <typename To, typename From>
 static inline To bit_cast_vec(From x) {  // without type punning (the memcpy folds away)
