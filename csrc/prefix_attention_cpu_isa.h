@@ -8,27 +8,42 @@
 
 // ------------------------------------------------------------------------------------------------ scratch
 
-// One fp32 arena per parallel chunk, carved into 64-byte aligned blocks.
+// One fp32 arena per parallel chunk, carved into 64-byte aligned blocks by Arena::carve.
 struct Arena {
   at::Tensor storage;
-  float* next = nullptr;
+  float* base = nullptr;  // null while measuring
+  int64_t used = 0;       // floats taken so far
 
-  explicit Arena(int64_t floats) {
-    storage = at::empty({floats + 16}, at::TensorOptions().dtype(at::kFloat));
-    const auto addr = reinterpret_cast<uintptr_t>(storage.data_ptr<float>());
-    next = reinterpret_cast<float*>((addr + 63) & ~uintptr_t{63});
-  }
   float* take(int64_t floats) {
-    float* out = next;
-    next += round_up(floats, 16);
+    float* out = base ? base + used : nullptr;
+    used += round_up(floats, 16);
     return out;
+  }
+
+  // The arena of the blocks that take_all(arena) takes, handed to it: a first pass measures them, the second
+  // carves them out of one allocation (so each block's size is written once).
+  template <typename F>
+  static Arena carve(F&& take_all) {
+    Arena measure;
+    take_all(measure);
+    Arena arena;
+    arena.storage = at::empty({measure.used + 16}, at::TensorOptions().dtype(at::kFloat));
+    const auto addr = reinterpret_cast<uintptr_t>(arena.storage.data_ptr<float>());
+    arena.base = reinterpret_cast<float*>((addr + 63) & ~uintptr_t{63});
+    take_all(arena);
+    return arena;
   }
 };
 
-static inline int64_t arena_floats(std::initializer_list<int64_t> blocks) {
-  int64_t total = 0;
-  for (int64_t b : blocks) total += round_up(b, 16);
-  return total;
+// fn(T{}) for the inputs' dtype T: fp32, bf16 or fp16.
+template <typename F>
+static void for_dtype(at::ScalarType dtype, F&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    case at::kHalf: return fn(c10::Half{});
+    default: TORCH_CHECK(false, "prefix_attention (CPU): unsupported dtype ", dtype);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ forward
@@ -135,29 +150,25 @@ static void fwd_range_t(const FwdArgs& a, int64_t begin, int64_t end) {
   const Problem& P = a.p;
   const int64_t n = P.n, d = P.d, cmax = P.m + P.n_k, cp = round_up(cmax, kW), dp = round_up(d, kW);
   const int64_t np = round_up(n, kW);
-  Arena arena(arena_floats({n * d, cp * dp, dp * cp, cp * dp, n * cp, n * dp, cp, np, np, cp}));
   FwdWork w{};
-  w.q = arena.take(n * d);
-  w.kb = arena.take(cp * dp);
-  w.kt = arena.take(dp * cp);
-  w.vb = arena.take(cp * dp);
-  w.s = arena.take(n * cp);
-  w.o = arena.take(n * dp);
-  w.z = arena.take(cp);
-  w.rmax = arena.take(np);
-  w.rsum = arena.take(np);
-  w.col = reinterpret_cast<uint32_t*>(arena.take(cp));
+  const Arena arena = Arena::carve([&](Arena& ar) {
+    w.q = ar.take(n * d);
+    w.kb = ar.take(cp * dp);
+    w.kt = ar.take(dp * cp);
+    w.vb = ar.take(cp * dp);
+    w.s = ar.take(n * cp);
+    w.o = ar.take(n * dp);
+    w.z = ar.take(cp);
+    w.rmax = ar.take(np);
+    w.rsum = ar.take(np);
+    w.col = reinterpret_cast<uint32_t*>(ar.take(cp));
+  });
   for (int64_t bh = begin; bh < end; ++bh) fwd_one<T>(a, bh, w);
 }
 
 void fwd_range(const void* args, int64_t begin, int64_t end) {
   const FwdArgs& a = *static_cast<const FwdArgs*>(args);
-  switch (a.dtype) {
-    case at::kFloat: return fwd_range_t<float>(a, begin, end);
-    case at::kBFloat16: return fwd_range_t<c10::BFloat16>(a, begin, end);
-    case at::kHalf: return fwd_range_t<c10::Half>(a, begin, end);
-    default: TORCH_CHECK(false, "prefix_attention (CPU): unsupported dtype ", a.dtype);
-  }
+  for_dtype(a.dtype, [&](auto tag) { fwd_range_t<decltype(tag)>(a, begin, end); });
 }
 
 // ------------------------------------------------------------------------------------------------ backward
@@ -247,33 +258,28 @@ template <typename T>
 static void bwd_range_t(const BwdArgs& a, int64_t begin, int64_t end) {
   const Problem& P = a.p;
   const int64_t n = P.n, d = P.d, cmax = P.m + P.n_k, cp = round_up(cmax, kW), dp = round_up(d, kW);
-  Arena arena(arena_floats({n * dp, n * dp, n * dp, dp * cp, dp * cp, cp * dp, cp * dp, n * cp, n * cp, n * dp,
-                            cp * dp, cp * dp, cp, n, cp}));
   BwdWork w{};
-  w.q = arena.take(n * dp);
-  w.dout = arena.take(n * dp);
-  w.o = arena.take(n * dp);
-  w.kt = arena.take(dp * cp);
-  w.vt = arena.take(dp * cp);
-  w.kb = arena.take(cp * dp);
-  w.vb = arena.take(cp * dp);
-  w.s = arena.take(n * cp);
-  w.dp = arena.take(n * cp);
-  w.dq = arena.take(n * dp);
-  w.dk = arena.take(cp * dp);
-  w.dv = arena.take(cp * dp);
-  w.z = arena.take(cp);
-  w.delta = arena.take(n);
-  w.col = reinterpret_cast<uint32_t*>(arena.take(cp));
+  const Arena arena = Arena::carve([&](Arena& ar) {
+    w.q = ar.take(n * dp);
+    w.dout = ar.take(n * dp);
+    w.o = ar.take(n * dp);
+    w.kt = ar.take(dp * cp);
+    w.vt = ar.take(dp * cp);
+    w.kb = ar.take(cp * dp);
+    w.vb = ar.take(cp * dp);
+    w.s = ar.take(n * cp);
+    w.dp = ar.take(n * cp);
+    w.dq = ar.take(n * dp);
+    w.dk = ar.take(cp * dp);
+    w.dv = ar.take(cp * dp);
+    w.z = ar.take(cp);
+    w.delta = ar.take(n);
+    w.col = reinterpret_cast<uint32_t*>(ar.take(cp));
+  });
   for (int64_t bh = begin; bh < end; ++bh) bwd_one<T>(a, bh, w);
 }
 
 void bwd_range(const void* args, int64_t begin, int64_t end) {
   const BwdArgs& a = *static_cast<const BwdArgs*>(args);
-  switch (a.dtype) {
-    case at::kFloat: return bwd_range_t<float>(a, begin, end);
-    case at::kBFloat16: return bwd_range_t<c10::BFloat16>(a, begin, end);
-    case at::kHalf: return bwd_range_t<c10::Half>(a, begin, end);
-    default: TORCH_CHECK(false, "prefix_attention (CPU): unsupported dtype ", a.dtype);
-  }
+  for_dtype(a.dtype, [&](auto tag) { bwd_range_t<decltype(tag)>(a, begin, end); });
 }
