@@ -3,12 +3,17 @@
 (`tpm_fast.kernels.prefix_attention`): output and all five gradients against the fp64 reference, lse in log2 units,
 padding (mask, lengths, both; fully padded rows; exactly-zero gradients of padded keys), odd shapes (prime n,
 n_k != n, m in {0, 1, 4, 16}, head dims that are not powers of 2), strided views, bf16 within the reference's own
-bf16 error, and dropout with the Triton kernels' Philox keep-mask, bit for bit. Skips without ``tpm_fast._C``."""
+bf16 error, dropout with the Triton kernels' Philox keep-mask, bit for bit, and the compiled GEMM microkernels
+(broadcasts from memory, objdump). Skips without ``tpm_fast._C``."""
 
 from __future__ import annotations
 
 import math
 import os
+import platform
+import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -332,3 +337,31 @@ def test_dropout_seeds():
     for a, c in zip((first[0], *first[2]), (again[0], *again[2])):
         assert torch.equal(a, c)
     assert not torch.allclose(first[0], run(2)[0])
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None or platform.machine() != "x86_64", reason="needs objdump, x86-64")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_gemm_tiles_broadcast_from_memory(isa):
+    """Compiled-code check of the GEMM microkernels (``tile<R, NV>``) of each x86 instruction set: FMAs fed by
+    broadcasts from memory (``vbroadcastss``, or AVX-512's embedded ``{1to16}``), no scalar ``vaddss``. (``splat``
+    as ``vf{} + x`` cost an add and a register broadcast per A element in the innermost loop: the AVX2 attention
+    ran 1.5x slower.)"""
+    import tpm_fast._C
+
+    listing = subprocess.run(
+        ["objdump", "-d", "-C", "--no-show-raw-insn", tpm_fast._C.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    tiles = {}
+    for block in listing.split("\n\n"):  # one function per block: "<address> <name>:" then its instructions
+        head, _, body = block.strip().partition("\n")
+        if f"pa_cpu::isa_{isa}::tile<" in head:
+            tiles[head] = body
+    assert tiles, f"no isa_{isa}::tile<...> function in {tpm_fast._C.__file__} (inlined? then inspect gemm instead)"
+    for name, body in tiles.items():
+        rows = int(re.search(r"::tile<(\d+), \d+>", name).group(1))
+        lines = body.splitlines()
+        from_memory = [line for line in lines if re.search(r"vbroadcastss\s+[-0-9a-fx]*\(|\{1to", line)]
+        from_registers = [line for line in lines if "vbroadcastss %xmm" in line]
+        assert "vfmadd" in body and "vaddss" not in body, f"{name}: a scalar add in the microkernel"
+        assert len(from_memory) >= rows, f"{name}: A not broadcast from memory"
+        assert len(from_registers) <= 1, f"{name}: broadcasts from registers (alpha's is the one allowed)"
