@@ -176,6 +176,20 @@ def test_image_spec_from_the_image_processor(tmp_path, cfg, expected):
     torch.testing.assert_close(out, torch.as_tensor(np.asarray(ref), dtype=torch.float32), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n,height,width", [(0, 8, 8), (1, 7, 5), (5, 32, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalize_is_the_plain_formula_bit_for_bit(n, height, width, dtype):
+    """normalize() (fp32 in place on a contiguous copy) equals ((x * rescale - mean) * (1 / std)) on the permuted
+    pixels, then cast, exactly; it returns contiguous (N, 3, H, W)."""
+    spec = ImageSpec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    pixels = torch.randint(0, 256, (n, height, width, 3), dtype=torch.uint8)
+    mean, std = torch.tensor(spec.mean)[:, None, None], torch.tensor(spec.std)[:, None, None]
+    expected = ((pixels.permute(0, 3, 1, 2).float() * spec.rescale - mean) * (1 / std)).to(dtype)
+    out = normalize(pixels, spec, dtype)
+    assert out.shape == (n, 3, height, width) and out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, expected)
+
+
 def test_image_spec_without_a_processor_is_the_default(tmp_path):
     assert ImageSpec.from_pretrained(tmp_path) == ImageSpec()
 
