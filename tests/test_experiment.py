@@ -1,7 +1,6 @@
 """Several seeds end to end (summary, resuming at seed granularity, a failing seed) and compare on real runs."""
 
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.subprocesses import child_env
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
 from tpm_fast.experiment import compare, main, run_experiment, summarize
 from tpm_fast.report import read_conll, write_conll
@@ -22,7 +22,7 @@ TINY = [*TINY.split(), "--no-progress", "--image-threads", "0"]
 
 
 def experiment(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = child_env()
     cmd = [sys.executable, "-m", "tpm_fast.experiment", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if check:

@@ -5,7 +5,6 @@ both ranks' posts), final weights and image counts within fp32 tolerance; the po
 predictions."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 import torch
 from transformers import BertTokenizer
 
+from tests.subprocesses import child_env
 from tpm_fast import checkpoint
 from tpm_fast.data.images import ImageSpec
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
@@ -55,8 +55,8 @@ def free_port() -> str:
 
 def run(*cmd: str) -> str:
     """Run ``cmd`` in the repository root with one compute thread per rank; fail with its output when it fails."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["TPM_FAST_THREADS"] = "1"  # the thread count changes a GEMM's rounding: the same on one rank and on two
+    # one compute thread: the thread count changes a GEMM's rounding, which must be the same on one rank and on two
+    env = child_env(TPM_FAST_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout + proc.stderr

@@ -3,7 +3,6 @@ uninterrupted run (per-step losses, metrics, final weights), with either engine 
 same seed gives the same metrics; non-finite steps are skipped, counted, and stop the run when they persist."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.subprocesses import child_env
 from tpm_fast import checkpoint
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
 
@@ -62,9 +62,7 @@ train.main(sys.argv[1:])
 
 def env() -> dict:
     """One compute thread whatever the image threads (the thread count changes a GEMM's rounding)."""
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {
-        "TPM_FAST_THREADS": "1"
-    }
+    return child_env(TPM_FAST_THREADS="1")
 
 
 def train(out: Path, corpus: Path, *extra: str, code: str | None = None, check: bool = True, **env_extra):

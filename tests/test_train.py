@@ -1,7 +1,6 @@
 """End to end on a small synthetic corpus: train.py (DeepSpeed ZeRO, CPU ranks), --resume, --eval-only, tpm-predict."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.subprocesses import child_env
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ SMALL = [*SMALL.split(), "--image-threads", "0"]
 
 def run(*args: str, launcher: tuple[str, ...] = (sys.executable,), timeout: int = 600) -> str:
     """Run a command in the repository root; fail with its output when it fails. Returns stdout + stderr."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = child_env()
     proc = subprocess.run([*launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout + proc.stderr

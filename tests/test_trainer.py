@@ -2,7 +2,6 @@
 rank starts torch.distributed, which the other tests' gloo ranks must not inherit)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.subprocesses import child_env
 from tpm_fast.checkpoint import checkpoints, problem, tag_of
 from tpm_fast.data.synthetic import ensure_synthetic_corpus
 
@@ -34,7 +34,7 @@ print("RESULT " + json.dumps({"work": work, "record": record, "result": result, 
 
 
 def run_steps(mode: str, corpus: Path, out: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = child_env()
     argv = [*ARGS, "--no-progress", "--data-dir", str(corpus), "--output-dir", str(out)]
     cmd = [sys.executable, "-c", STEPS, mode, *argv]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
