@@ -35,7 +35,7 @@ for op, check in _SELF_CHECKS.items():
 PY
 tests=(tests/test_prefix_attention.py tests/test_crf.py tests/test_crf_cuda.py tests/test_crf_native.py tests/test_crf_layer.py tests/test_hf_attention.py tests/test_backend.py
        tests/test_prompted_bert.py tests/test_model.py tests/test_reference_crf.py tests/test_reference_prefix_attention.py
-       tests/test_profiling.py tests/test_flops.py)
+       tests/test_profiling.py tests/test_flops.py tests/test_triton_autograd.py)
 timeout 200 python -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 | tail -40 | tee "$out/gpu_tests.log"
 timeout 150 python -m pytest -q -p no:cacheprovider bench --benchmark-only --benchmark-min-rounds=20 \
     --benchmark-max-time=0.5 --ignore=bench/test_train_step.py --ignore=bench/test_images.py 2>&1 | tail -15 | tee "$out/bench.log"

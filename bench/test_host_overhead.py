@@ -5,8 +5,9 @@ launch metadata) on CPU tensors with every Triton launch replaced by a no-op, so
 host per call whatever the GPU does. At TPM-MI's sizes a layer's attention is a few microseconds of GPU work, so this
 host time bounds the fused path's speed on a GPU. Beside it, on the same tiny tensors: HF eager attention and SDPA
 (their full CPU cost, which on tiny tensors is mostly host overhead too), pytorch-crf (at B=32, n=64, 10 tags), and
-``function_floor``: a ``torch.autograd.Function`` that only allocates the fused op's outputs and gradients, the least
-any op written as a Python autograd.Function can cost.
+``function_floor``: a ``torch.autograd.Function`` that only allocates the fused op's outputs and gradients (for the
+CRF: inside an ``nn.Module`` call with the same ``mean`` and negation), the least any op written as a Python
+autograd.Function can cost.
 
 Targets (this CPU, ratios in one run): attention fwd+bwd <= 0.5x SDPA and <= 0.35x HF eager; CRF fwd+bwd <=
 0.01x pytorch-crf; Viterbi <= 0.02x pytorch-crf's decode.
@@ -87,12 +88,34 @@ def test_attention_host(bench, stubbed, provider):
           launches_per_call=sum(stubbed.values()))  # fmt: skip
 
 
-@pytest.mark.parametrize("provider", ["pytorch-crf", "triton_host"])
+class _CRFFloor(torch.autograd.Function):
+    """The CRF's counterpart of `_Floor`: allocates the (B,) log-likelihood and the four gradients, nothing else."""
+
+    @staticmethod
+    def forward(ctx, emissions, start, end, transitions):
+        ctx.save_for_backward(emissions, start, end, transitions)
+        return emissions.new_empty(emissions.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(torch.empty_like(t) for t in ctx.saved_tensors)
+
+
+class _CRFFloorModule(CRF):
+    def forward(self, emissions, tags, mask, reduction="mean", validate=False):
+        return _CRFFloor.apply(emissions, self.start_transitions, self.end_transitions, self.transitions).mean()
+
+
+@pytest.mark.parametrize("provider", ["pytorch-crf", "triton_host", "function_floor"])
 @pytest.mark.parametrize("mode", ["forward_backward", "decode"])
 def test_crf_host(bench, stubbed, mode, provider):
+    if provider == "function_floor" and mode == "decode":
+        pytest.skip("the floor is of the autograd path")
     g = torch.Generator().manual_seed(0)
     if provider == "pytorch-crf":
         crf = torchcrf.CRF(TAGS, batch_first=True)
+    elif provider == "function_floor":
+        crf = _CRFFloorModule(TAGS, batch_first=True)
     else:
         crf = CRF(TAGS, batch_first=True, backend="triton")
     emissions = torch.randn(CRF_B, CRF_N, TAGS, generator=g).requires_grad_(True)

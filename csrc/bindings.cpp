@@ -1,6 +1,7 @@
 // tpm_fast._C: registers the native kernels as torch ops in the `tpm_fast_native` namespace
 // (torch.ops.tpm_fast_native.*), after checking devices, shapes and dtypes with clear errors. Fake (meta)
 // implementations for torch.compile live in tpm_fast/ops/native.py. Importing tpm_fast._C registers everything.
+// The module also carries the C++ autograd nodes of the Triton path (csrc/triton_autograd.cpp).
 #include <torch/extension.h>
 
 #include "tpm_fast.h"
@@ -108,6 +109,9 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi(const at::Tensor& emissions, cons
 }
 
 }  // namespace
+
+void register_triton_autograd(py::module_& m);  // csrc/triton_autograd.cpp
+
 }  // namespace tpm_fast
 
 TORCH_LIBRARY(tpm_fast_native, m) {
@@ -134,4 +138,5 @@ TORCH_LIBRARY_IMPL(tpm_fast_native, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tpm_fast native kernels; importing registers torch.ops.tpm_fast_native.*";
+  tpm_fast::register_triton_autograd(m);
 }

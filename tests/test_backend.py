@@ -50,8 +50,8 @@ def auto_on_cpu(monkeypatch):
 
 def test_self_check_passes_and_auto_then_runs_triton(auto_on_cpu, monkeypatch):
     launches = []
-    launch = attention_kernels.launch_prefix_attention_fwd
-    monkeypatch.setattr(attention_kernels, "launch_prefix_attention_fwd", lambda *a: launches.append(1) or launch(*a))
+    launch = attention_kernels.launch_fwd_into
+    monkeypatch.setattr(attention_kernels, "launch_fwd_into", lambda *a: launches.append(1) or launch(*a))
     with warnings.catch_warnings(), torch.no_grad():  # the first call under no_grad: the check still runs backward
         warnings.simplefilter("error")
         out = prefix_attention(*_inputs())
@@ -64,13 +64,13 @@ def test_self_check_passes_and_auto_then_runs_triton(auto_on_cpu, monkeypatch):
 
 
 def test_wrong_kernel_warns_once_and_falls_back_to_the_reference(auto_on_cpu, monkeypatch):
-    launch = attention_kernels.launch_prefix_attention_fwd
+    launch = attention_kernels.launch_fwd_into
 
-    def wrong(*args):  # an injected miscompiled kernel: output off by 1 %
-        out, lse = launch(*args)
-        return out * 1.01, lse
+    def wrong(plan, q, k, v, k_p, v_p, out, lse):  # an injected miscompiled kernel: output off by 1 %
+        launch(plan, q, k, v, k_p, v_p, out, lse)
+        out.mul_(1.01)
 
-    monkeypatch.setattr(attention_kernels, "launch_prefix_attention_fwd", wrong)
+    monkeypatch.setattr(attention_kernels, "launch_fwd_into", wrong)
     with pytest.warns(
         RuntimeWarning, match=r"prefix_attention kernel failed its first-use self-check on cpu \(float32\)"
     ):
@@ -84,9 +84,7 @@ def test_wrong_kernel_warns_once_and_falls_back_to_the_reference(auto_on_cpu, mo
 
 def test_self_check_can_be_turned_off(auto_on_cpu, monkeypatch):
     monkeypatch.setenv("TPM_FAST_SELF_CHECK", "0")
-    monkeypatch.setattr(
-        attention_kernels, "launch_prefix_attention_fwd", lambda *a: (_ for _ in ()).throw(AssertionError)
-    )
+    monkeypatch.setattr(attention_kernels, "launch_fwd_into", lambda *a: (_ for _ in ()).throw(AssertionError))
     with pytest.raises(AssertionError):  # no check: "auto" goes straight to the (here broken) kernel
         prefix_attention(*_inputs())
     assert backend._PASSED == {}

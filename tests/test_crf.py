@@ -455,13 +455,18 @@ BIO = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "X"]
 
 
 def _perturbed(name, monkeypatch):
-    """Replace the launcher ``name`` by one whose first output is off by 1e-2 (a wrong kernel)."""
+    """Replace the launcher ``name`` by one whose first output is off by 1e-2 (a wrong kernel): the returned one
+    (``launch_crf_viterbi``), or the first buffer it writes (the ``*_into`` launchers of the eager path)."""
     from tpm_fast.kernels import crf as kernels
 
     launch = getattr(kernels, name)
 
     def wrong(*args, **kwargs):
-        first, *rest = launch(*args, **kwargs)
+        result = launch(*args, **kwargs)
+        if name.endswith("_into"):
+            args[6].add_(1e-2)  # out (forward) or the emissions' gradient (backward)
+            return result
+        first, *rest = result
         return (first + (1 if first.dtype == torch.long else 1e-2), *rest)
 
     monkeypatch.setattr(kernels, name, wrong)
@@ -476,7 +481,7 @@ def _self_check_warnings(record):
     return [w for w in record if "self-check" in str(w.message)]  # not the interpreter's numpy warnings
 
 
-@pytest.mark.parametrize("name", ["launch_crf_forward", "launch_crf_backward", "launch_crf_viterbi"])
+@pytest.mark.parametrize("name", ["launch_crf_forward_into", "launch_crf_backward_into", "launch_crf_viterbi"])
 def test_self_check_rejects_a_wrong_kernel(name, auto_on_cpu, monkeypatch):
     """A kernel that fails the first-use self-check: "auto" warns once (naming the device) and uses the reference
     for the CRF on that device from then on."""
@@ -518,7 +523,7 @@ def test_self_check_passes_and_auto_picks_triton(auto_on_cpu):
 def test_self_check_off(auto_on_cpu, monkeypatch):
     """TPM_FAST_SELF_CHECK=0: no check runs, "auto" takes the (here wrong) kernel as is."""
     monkeypatch.setenv("TPM_FAST_SELF_CHECK", "0")
-    _perturbed("launch_crf_forward", monkeypatch)
+    _perturbed("launch_crf_forward_into", monkeypatch)
     em, tags, mask, params = _inputs(3, 5, 4, seed=42)
     with count_triton_launches() as launches:
         llh = ops.crf_log_likelihood(em, tags, mask, *params)

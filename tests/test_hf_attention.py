@@ -54,14 +54,14 @@ def test_patched_bert_calls_our_kernel(monkeypatch):
     """Spy on the Triton launchers themselves: one forward launch per layer, one backward launch per layer."""
     bert = tpm_fast.apply_to_bert(tiny_bert(layers=3, attn="sdpa", vocab=60).to(DEVICE), backend="triton")
     calls = []
-    for name in ("launch_prefix_attention_fwd", "launch_prefix_attention_bwd"):
+    for name in ("launch_fwd_into", "launch_bwd_into"):
         real = getattr(launchers, name)
         monkeypatch.setattr(
             launchers, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)
         )
     ids, mask, prefix = _inputs(bert, 2, 5, 2, seed=1)
     _run(bert, ids, mask, prefix)
-    assert calls == ["launch_prefix_attention_fwd"] * 3 + ["launch_prefix_attention_bwd"] * 3
+    assert calls == ["launch_fwd_into"] * 3 + ["launch_bwd_into"] * 3
 
 
 def test_from_pretrained_with_registered_name(tmp_path):

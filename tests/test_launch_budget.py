@@ -94,11 +94,11 @@ def test_training_step_at_bert_base_shapes_has_no_host_sync_and_its_launch_budge
     if packed:
         batch["token_index"] = pack_index(mask)  # made outside the step, where the mask is on the host
     bounds_seen, copied = [], []
-    launch_fwd, canonical = attention_kernels.launch_prefix_attention_fwd, attention_kernels.canonical_inputs
+    launch_fwd, canonical = attention_kernels.launch_fwd_into, attention_kernels.canonical_inputs
 
-    def spy(*args):
-        bounds_seen.append(args[6])  # lengths
-        return launch_fwd(*args)
+    def spy(plan, *args):
+        bounds_seen.append(plan.tensors[1])  # lengths
+        return launch_fwd(plan, *args)
 
     def spy_layout(*inputs):
         out = canonical(*inputs)
@@ -113,12 +113,12 @@ def test_training_step_at_bert_base_shapes_has_no_host_sync_and_its_launch_budge
 
     with count_triton_launches(stub=True):
         step()  # warm-up: the optimizer's first step allocates its state
-    attention_kernels.launch_prefix_attention_fwd, attention_kernels.canonical_inputs = spy, spy_layout
+    attention_kernels.launch_fwd_into, attention_kernels.canonical_inputs = spy, spy_layout
     try:
         with count_triton_launches(stub=True) as launches:
             _, ops, syncs = count_kernel_ops(step)
     finally:
-        attention_kernels.launch_prefix_attention_fwd, attention_kernels.canonical_inputs = launch_fwd, canonical
+        attention_kernels.launch_fwd_into, attention_kernels.canonical_inputs = launch_fwd, canonical
     layers = BERT_BASE["num_hidden_layers"]
     assert not syncs, syncs
     assert len(bounds_seen) == layers and all(t is bounds_seen[0] for t in bounds_seen)  # computed once, shared

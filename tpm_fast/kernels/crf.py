@@ -45,7 +45,15 @@ from tpm_fast.kernels.crf_fwd import _crf_forward_kernel
 from tpm_fast.kernels.crf_viterbi import _crf_viterbi_kernel
 from tpm_fast.ops.backend import MAX_TAGS
 
-__all__ = ["BLOCK_N", "launch_crf_backward", "launch_crf_forward", "launch_crf_viterbi", "launch_meta"]
+__all__ = [
+    "BLOCK_N",
+    "launch_crf_backward",
+    "launch_crf_backward_into",
+    "launch_crf_forward",
+    "launch_crf_forward_into",
+    "launch_crf_viterbi",
+    "launch_meta",
+]
 
 BLOCK_N = 64
 """Time steps per block load (mask row lengths, gold path score, Viterbi padding)."""
@@ -81,6 +89,16 @@ def _u8(mask: Tensor) -> Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
+def _rows(tags: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor, int, int, int, int]:
+    """(tags or the mask as a never-read stand-in, the mask as uint8, its two strides, the tags' two strides)."""
+    mask = _u8(mask)
+    smb, smn = mask.stride()
+    if tags is None:
+        return mask, mask, 0, 0, smb, smn
+    stb, stn = tags.stride()
+    return tags, mask, stb, stn, smb, smn
+
+
 def launch_crf_forward(
     emissions: Tensor, tags: Tensor | None, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -103,24 +121,31 @@ def launch_crf_forward(
             + end - logsumexp_j(alpha_last[j] + end[j])) is the same for shifted and unshifted alphas.
     """
     b, n, t = emissions.shape
-    block_t, warps, _ = _META.get(t) or launch_meta(t)
-    dev = emissions.device
-    out = torch.empty(b, dtype=_F32, device=dev)  # shape: (B,)
-    alpha = torch.empty((b, n, t), dtype=_F32, device=dev)  # shape: (B, n, T)
+    out = torch.empty(b, dtype=_F32, device=emissions.device)  # shape: (B,)
+    alpha = torch.empty((b, n, t), dtype=_F32, device=emissions.device)  # shape: (B, n, T)
+    launch_crf_forward_into(emissions, tags, mask, start, end, transitions, out, alpha)
+    return out, alpha
+
+
+def launch_crf_forward_into(
+    emissions: Tensor, tags: Tensor | None, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor,
+    out: Tensor, alpha: Tensor,
+) -> None:  # fmt: skip
+    """`launch_crf_forward` writing into ``out`` ((B,) fp32) and ``alpha`` ((B, n, T) fp32 contiguous), which the
+    caller allocated (the C++ autograd node of `tpm_fast.ops.crf` does)."""
+    b, n, t = emissions.shape
     if b == 0:
-        return out, alpha
+        return
+    block_t, warps, _ = _META.get(t) or launch_meta(t)
     if emissions.stride(2) != 1:
         emissions = emissions.contiguous()
-    mask = _u8(mask)
     seb, sen, _ = emissions.stride()
-    smb, smn = mask.stride()
-    stb, stn = (0, 0) if tags is None else tags.stride()
+    gold, mask, stb, stn, smb, smn = _rows(tags, mask)
     _crf_forward_kernel[(b,)](
-        emissions, mask if tags is None else tags, mask, _dense(start), _dense(end), _dense(transitions),
+        emissions, gold, mask, _dense(start), _dense(end), _dense(transitions),
         out, alpha, n, t, seb, sen, stb, stn, smb, smn,
         HAS_TAGS=tags is not None, BLOCK_T=block_t, BLOCK_N=BLOCK_N, num_warps=warps,
     )  # fmt: skip
-    return out, alpha
 
 
 def launch_crf_backward(
@@ -148,21 +173,28 @@ def launch_crf_backward(
             (or ``g_b * sum_t xi_t``). ``.sum(0)`` gives the parameters' gradients (deterministic, no atomics).
     """
     b, n, t = alpha.shape
-    block_t, _, warps = _META.get(t) or launch_meta(t)
-    dev = alpha.device
-    g_em = torch.empty((b, n, t), dtype=grad_dtype, device=dev)  # shape: (B, n, T)
-    g_par = torch.empty((b, 2 * t + t * t), dtype=_F32, device=dev)  # shape: (B, 2T + T*T)
+    g_em = torch.empty((b, n, t), dtype=grad_dtype, device=alpha.device)  # shape: (B, n, T)
+    g_par = torch.empty((b, 2 * t + t * t), dtype=_F32, device=alpha.device)  # shape: (B, 2T + T*T)
+    launch_crf_backward_into(grad, tags, mask, end, transitions, alpha, g_em, g_par)
+    return g_em, g_par
+
+
+def launch_crf_backward_into(
+    grad: Tensor, tags: Tensor | None, mask: Tensor, end: Tensor, transitions: Tensor, alpha: Tensor,
+    g_em: Tensor, g_par: Tensor,
+) -> None:  # fmt: skip
+    """`launch_crf_backward` writing into ``g_em`` ((B, n, T) contiguous, the emissions' dtype) and ``g_par``
+    ((B, 2T + T*T) fp32), which the caller allocated."""
+    b, n, t = alpha.shape
     if b == 0:
-        return g_em, g_par
-    mask = _u8(mask)
-    smb, smn = mask.stride()
-    stb, stn = (0, 0) if tags is None else tags.stride()
+        return
+    block_t, _, warps = _META.get(t) or launch_meta(t)
+    gold, mask, stb, stn, smb, smn = _rows(tags, mask)
     _crf_backward_kernel[(b,)](
-        grad, mask if tags is None else tags, mask, _dense(end), _dense(transitions), alpha, g_em, g_par,
+        grad, gold, mask, _dense(end), _dense(transitions), alpha, g_em, g_par,
         n, t, grad.stride(0), stb, stn, smb, smn,
         HAS_TAGS=tags is not None, BLOCK_T=block_t, BLOCK_N=BLOCK_N, num_warps=warps,
     )  # fmt: skip
-    return g_em, g_par
 
 
 def launch_crf_viterbi(

@@ -38,12 +38,15 @@ __all__ = [
     "block_config",
     "canonical_inputs",
     "dropout_keep_mask",
+    "launch_bwd_into",
+    "launch_fwd_into",
     "launch_prefix_attention_bwd",
     "launch_prefix_attention_fwd",
     "plan_launches",
 ]
 
-_META: dict[tuple, dict] = {}
+_META: dict[tuple, tuple[dict, dict]] = {}
+_INTERPRET = isinstance(_fwd_kernel, InterpretedFunction)  # TRITON_INTERPRET=1 when triton was imported
 
 
 def block_config(d: int, dtype: torch.dtype, interpret: bool) -> dict:
@@ -72,17 +75,25 @@ def block_config(d: int, dtype: torch.dtype, interpret: bool) -> dict:
     return {name: dict(zip(keys, cfg)) for name, cfg in table.items()}
 
 
-def _meta(d: int, m: int, dtype: torch.dtype, has_mask: bool, has_lengths: bool, has_dropout: bool) -> dict:
-    """Constexprs + launch options per kernel, cached (computed once per configuration, not per call)."""
-    interpret = isinstance(_fwd_kernel, InterpretedFunction)
-    key = (d, m, dtype, has_mask, has_lengths, has_dropout, interpret)
-    meta = _META.get(key)
-    if meta is None:
+def _config(bh: int, n: int, n_k: int, d: int, m: int, dtype: torch.dtype, flags: tuple) -> tuple[dict, dict]:
+    """(constexprs + launch options per kernel, grid per kernel) for B*H = ``bh`` and these sizes; ``flags`` =
+    (has_mask, has_lengths, has_dropout). Cached: computed once per configuration, not per call."""
+    key = (bh, n, n_k, d, m, dtype, flags)
+    config = _META.get(key)
+    if config is None:
+        has_mask, has_lengths, has_dropout = flags
         common = dict(HEAD_D=d, BLOCK_P=max(16, triton.next_power_of_2(m)), HAS_MASK=has_mask,
-                      HAS_LENGTHS=has_lengths, HAS_DROPOUT=has_dropout, INTERPRET=interpret)  # fmt: skip
-        meta = {name: {**common, **cfg} for name, cfg in block_config(d, dtype, interpret).items()}
-        _META[key] = meta
-    return meta
+                      HAS_LENGTHS=has_lengths, HAS_DROPOUT=has_dropout, INTERPRET=_INTERPRET)  # fmt: skip
+        meta = {name: {**common, **cfg} for name, cfg in block_config(d, dtype, _INTERPRET).items()}
+        grids = {
+            "fwd": (-(-n // meta["fwd"]["BLOCK_M"]), bh),
+            "dq": (-(-n // meta["dq"]["BLOCK_M"]), bh),
+            "dkdv": (max(-(-n_k // meta["dkdv"]["BLOCK_N"]), 1), bh),  # program 0 also owns the prefix
+        }
+        if len(_META) >= 4096:  # many distinct batch geometries: start over rather than grow
+            _META.clear()
+        config = _META[key] = (meta, grids)
+    return config
 
 
 def _like(t: Tensor, ref: Tensor) -> Tensor:
@@ -95,12 +106,16 @@ def _like(t: Tensor, ref: Tensor) -> Tensor:
 
 def _dense(t: Tensor) -> bool:
     """Non-overlapping and dense with a unit last-dim stride: ``empty_like(t)`` then has ``t``'s strides."""
-    if t.is_contiguous() or t.transpose(1, 2).is_contiguous():  # fast path: (B, H, n, d) or heads of (B, n, H, d)
-        return t.stride(-1) == 1
-    if t.stride(-1) != 1:
+    if t.is_contiguous():
+        return True
+    strides = t.stride()
+    if strides[3] != 1:
         return False
+    _, h, n, d = t.shape
+    if strides[1] == d and strides[2] == h * d and strides[0] == n * h * d:  # heads of a (B, n, H, d) projection
+        return True
     expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: (p[1], p[0])):
+    for size, stride in sorted(zip(t.shape, strides), key=lambda p: (p[1], p[0])):
         if size != 1 and stride != expected:
             return False
         expected *= size
@@ -110,14 +125,10 @@ def _dense(t: Tensor) -> bool:
 def canonical_inputs(q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor) -> tuple[Tensor, ...]:
     """The five inputs in the launch contract's layout (see the module doc): views as given when they already are
     (the usual case: projections split into heads), otherwise copies. Dtypes must already agree."""
-    out = []
-    for head, tail in ((q, None), (k, v), (k_p, v_p)):
-        if not _dense(head):
-            head = head.contiguous()
-        out.append(head)
-        if tail is not None:
-            out.append(_like(tail, head))
-    return tuple(out)
+    q = q if _dense(q) else q.contiguous()
+    k = k if _dense(k) else k.contiguous()
+    k_p = k_p if _dense(k_p) else k_p.contiguous()
+    return q, k, _like(v, k), k_p, _like(v_p, k_p)
 
 
 class LaunchPlan(NamedTuple):
@@ -125,19 +136,21 @@ class LaunchPlan(NamedTuple):
     with ``kernel.run(..., grid=...)``: ``kernel[grid]`` would build a closure per launch)."""
 
     meta: dict  # kernel name -> constexprs and launch options
-    mask: Tensor | None  # shape: (B, n_k) uint8 view of the bool mask, unit column stride
+    tensors: tuple  # (mask, lengths, seed): shape (B, n_k) uint8 unit column stride, (B,), (1,); q where absent
     scalars: tuple  # the kernels' stride and scalar arguments, in order
     grids: dict  # kernel name -> grid
 
 
 def plan_launches(
-    q: Tensor, k: Tensor, k_p: Tensor, key_padding_mask: Tensor | None, lengths: Tensor | None, dropout_p: float,
-    scale: float,
+    q: Tensor, k: Tensor, k_p: Tensor, key_padding_mask: Tensor | None, lengths: Tensor | None, seed: Tensor | None,
+    dropout_p: float, scale: float,
 ) -> LaunchPlan:  # fmt: skip
-    """The :class:`LaunchPlan` of one call (inputs in the contract's layout; arguments as in the launchers)."""
+    """The :class:`LaunchPlan` of one call (inputs in the contract's layout; arguments as in
+    :func:`launch_prefix_attention_fwd`)."""
     b, h, n, d = q.shape
     n_k, m = k.shape[2], k_p.shape[2]
-    meta = _meta(d, m, q.dtype, key_padding_mask is not None, lengths is not None, dropout_p > 0.0)
+    flags = (key_padding_mask is not None, lengths is not None, dropout_p > 0.0)
+    meta, grids = _config(b * h, n, n_k, d, m, q.dtype, flags)
     mask, smb = key_padding_mask, 0
     if mask is not None:
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
@@ -145,12 +158,40 @@ def plan_launches(
         smb = mask.stride(0)
     sq, sk, sp = q.stride(), k.stride(), k_p.stride()
     scalars = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sp[0], sp[1], sp[2], smb, h, n, n_k, m, scale, dropout_p)
-    grids = {
-        "fwd": (-(-n // meta["fwd"]["BLOCK_M"]), b * h),
-        "dq": (-(-n // meta["dq"]["BLOCK_M"]), b * h),
-        "dkdv": (max(-(-n_k // meta["dkdv"]["BLOCK_N"]), 1), b * h),  # program 0 also owns the prefix
-    }
-    return LaunchPlan(meta, mask, scalars, grids)
+    tensors = (q if mask is None else mask, q if lengths is None else lengths, q if seed is None else seed)
+    return LaunchPlan(meta, tensors, scalars, grids)  # q stands in for an absent tensor: never read
+
+
+def launch_fwd_into(
+    plan: LaunchPlan, q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor, out: Tensor, lse: Tensor
+) -> None:
+    """The forward launch, writing ``out`` (``empty_like(q)``) and ``lse`` ((B, H, n) fp32 contiguous); the
+    allocation-free tier under :func:`launch_prefix_attention_fwd` (which documents the arguments)."""
+    if out.numel():
+        _fwd_kernel.run(
+            q, k, v, k_p, v_p, *plan.tensors, out, lse, *plan.scalars,
+            grid=plan.grids["fwd"], warmup=False, **plan.meta["fwd"],
+        )  # fmt: skip
+
+
+def launch_bwd_into(
+    plan: LaunchPlan, q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor, out: Tensor, grad_out: Tensor,
+    lse: Tensor, delta: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, dk_p: Tensor, dv_p: Tensor,
+) -> None:  # fmt: skip
+    """The backward launches, writing ``delta`` (``empty_like(lse)``) and the gradients (each ``empty_like`` its
+    input); ``grad_out`` has q's strides. The allocation-free tier under :func:`launch_prefix_attention_bwd`."""
+    if not dq.numel():
+        for grad in (dk, dv, dk_p, dv_p):
+            grad.zero_()
+        return
+    _bwd_dq_kernel.run(
+        q, k, v, k_p, v_p, *plan.tensors, out, grad_out, lse, delta, dq, *plan.scalars,
+        grid=plan.grids["dq"], warmup=False, **plan.meta["dq"],
+    )  # fmt: skip
+    _bwd_dkdv_kernel.run(
+        q, k, v, k_p, v_p, *plan.tensors, grad_out, lse, delta, dk, dv, dk_p, dv_p, *plan.scalars,
+        grid=plan.grids["dkdv"], warmup=False, **plan.meta["dkdv"],
+    )  # fmt: skip
 
 
 def launch_prefix_attention_fwd(
@@ -183,14 +224,9 @@ def launch_prefix_attention_fwd(
         per-row log-sum-exp of the scaled scores in log2 units (+inf for rows with no visible key).
     """
     out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    if not out.numel():
-        return out, lse
-    plan = plan or plan_launches(q, k, k_p, key_padding_mask, lengths, dropout_p, scale)
-    _fwd_kernel.run(
-        q, k, v, k_p, v_p, _or(plan.mask, q), _or(lengths, q), _or(seed, q), out, lse, *plan.scalars,
-        grid=plan.grids["fwd"], warmup=False, **plan.meta["fwd"],
-    )  # fmt: skip
+    lse = torch.empty(tuple(q.shape[:3]), dtype=torch.float32, device=q.device)
+    plan = plan or plan_launches(q, k, k_p, key_padding_mask, lengths, seed, dropout_p, scale)
+    launch_fwd_into(plan, q, k, v, k_p, v_p, out, lse)
     return out, lse
 
 
@@ -216,27 +252,11 @@ def launch_prefix_attention_bwd(
     Returns:
         (dq, dk, dv, dk_p, dv_p) with the strides and dtypes of (q, k, v, k_p, v_p); padded keys get exactly 0.
     """
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dk_p, dv_p = torch.empty_like(k_p), torch.empty_like(v_p)
-    if not dq.numel():
-        return dq, dk.zero_(), dv.zero_(), dk_p.zero_(), dv_p.zero_()
-    grad_out = _like(grad_out, q)
-    plan = plan or plan_launches(q, k, k_p, key_padding_mask, lengths, dropout_p, scale)
+    grads = tuple(torch.empty_like(t) for t in (q, k, v, k_p, v_p))
+    plan = plan or plan_launches(q, k, k_p, key_padding_mask, lengths, seed, dropout_p, scale)
     delta = torch.empty_like(lse)  # shape: (B, H, n) fp32, rowsum(dO * O), written by the dQ kernel
-    mask, lengths, seed = _or(plan.mask, q), _or(lengths, q), _or(seed, q)
-    _bwd_dq_kernel.run(
-        q, k, v, k_p, v_p, mask, lengths, seed, out, grad_out, lse, delta, dq, *plan.scalars,
-        grid=plan.grids["dq"], warmup=False, **plan.meta["dq"],
-    )  # fmt: skip
-    _bwd_dkdv_kernel.run(
-        q, k, v, k_p, v_p, mask, lengths, seed, grad_out, lse, delta, dk, dv, dk_p, dv_p, *plan.scalars,
-        grid=plan.grids["dkdv"], warmup=False, **plan.meta["dkdv"],
-    )  # fmt: skip
-    return dq, dk, dv, dk_p, dv_p
-
-
-def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
-    return dummy if t is None else t  # a pointer the kernel never reads
+    launch_bwd_into(plan, q, k, v, k_p, v_p, out, _like(grad_out, q), lse, delta, *grads)
+    return grads
 
 
 def dropout_keep_mask(b: int, h: int, n: int, m: int, n_k: int, dropout_p: float, seed: Tensor) -> Tensor:

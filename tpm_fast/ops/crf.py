@@ -17,7 +17,8 @@ Same arguments and semantics as `tpm_fast.reference.crf` (pytorch-crf: ``transit
   unspecified (on the Triton path still memory-safe) results.
 
 Tiers, named apart as in flash-attention: the raw launchers ``tpm_fast.kernels.crf.launch_crf_*`` (no autograd, no
-validation); `CRFLogLikelihoodFunc` (a ``torch.autograd.Function``, the eager path) and the torch custom ops
+validation); the eager autograd node ``tpm_fast._C.crf_autograd`` (C++, csrc/triton_autograd.cpp; where ``_C`` is
+not built, `CRFLogLikelihoodFunc`, a ``torch.autograd.Function`` doing the same in Python) and the torch custom ops
 ``tpm_fast::crf_forward`` / ``crf_backward`` / ``crf_viterbi`` (with fake implementations and autograd, used while
 ``torch.compile`` traces, so ``fullgraph=True`` works); and the public functions below. Triton is imported lazily,
 when a kernel first runs.
@@ -63,7 +64,8 @@ def _param_grads(g_par: Tensor, t: int, dtypes: list[torch.dtype]) -> tuple[Tens
 
 
 class CRFLogLikelihoodFunc(torch.autograd.Function):
-    """Eager autograd wrapper of the fused kernels (forward: 1 launch; backward: 1 launch + one ``.sum(0)``).
+    """Eager autograd over the fused kernels in Python (forward: 1 launch; backward: 1 launch + one ``.sum(0)``): the
+    fallback of `_eager` where ``tpm_fast._C`` (whose C++ node does the same with less host time) is not built.
 
     ``apply(emissions, tags, mask, start, end, transitions)``: arguments as in `crf_log_likelihood` (unchecked;
     ``tags=None`` for the log partition). Returns (B,) fp32 ``gold - log Z`` (``log Z`` without tags),
@@ -95,6 +97,19 @@ class CRFLogLikelihoodFunc(torch.autograd.Function):
         if not (needs[3] or needs[4] or needs[5]):
             return g_em, None, None, None, None, None
         return (g_em, None, None, *_param_grads(g_par.sum(0), alpha.shape[2], d_par))
+
+
+def _eager(
+    emissions: Tensor, tags: Tensor | None, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor
+) -> Tensor:
+    """The eager autograd path: the C++ node of ``tpm_fast._C`` (csrc/triton_autograd.cpp) when built, else
+    `CRFLogLikelihoodFunc`; both launch the same kernels with the same arithmetic."""
+    native = _native.extension()
+    if native is None:
+        return CRFLogLikelihoodFunc.apply(emissions, tags, mask, start, end, transitions)
+    kernels = _kernels()
+    launchers = (kernels.launch_crf_forward_into, kernels.launch_crf_backward_into)
+    return native.crf_autograd(emissions, tags, mask.bool(), start, end, transitions, *launchers)
 
 
 # ---------------------------------------------------------------------------------------------- torch.compile tier
@@ -221,7 +236,7 @@ def crf_log_likelihood(
         tags: (B, n) long gold tags in [0, T) where ``mask`` is True (ignored elsewhere, any value).
         mask: (B, n) bool (or uint8), left-aligned, first timestep all True.
         start, end: (T,) float; transitions: (T, T) float with ``[i, j]`` = score of tag i -> tag j.
-        backend: "auto" | "triton" | "reference" (see the module docstring).
+        backend: "auto" | "triton" | "native" | "reference" (see the module docstring).
         validate: check shapes, dtypes, mask and tag contents (one host sync) first; False checks nothing.
 
     Returns:
@@ -268,7 +283,7 @@ def _forward(emissions, tags, mask, start, end, transitions, backend: str, valid
         return _native.load().crf_forward(emissions, tags, mask.bool(), start, end, transitions)[0]
     if torch.compiler.is_compiling():
         return _crf_forward(emissions, tags, mask, start, end, transitions)[0]
-    return CRFLogLikelihoodFunc.apply(emissions, tags, mask, start, end, transitions)
+    return _eager(emissions, tags, mask, start, end, transitions)
 
 
 def crf_viterbi(

@@ -12,7 +12,7 @@ import importlib
 
 import torch
 
-__all__ = ["has_cuda", "load", "unavailable_reason"]
+__all__ = ["extension", "has_cuda", "load", "unavailable_reason"]
 
 _STATE: dict = {}  # "ops": the op namespace once loaded; "reason": why it could not be
 
@@ -30,16 +30,23 @@ def has_cuda() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("tpm_fast_native::crf_forward", "CUDA")
 
 
+def extension():
+    """The ``tpm_fast._C`` module itself (its C++ autograd nodes of the Triton path), or None when not built."""
+    if "module" not in _STATE and "reason" not in _STATE:
+        load()
+    return _STATE.get("module")
+
+
 def load():
     """``torch.ops.tpm_fast_native`` with fakes and autograd registered, or None when the extension is missing."""
     if "ops" not in _STATE and "reason" not in _STATE:
         try:
-            importlib.import_module("tpm_fast._C")
+            module = importlib.import_module("tpm_fast._C")
         except ImportError as err:  # not built (no compiler, skipped) or built against another torch
             _STATE["reason"] = f"tpm_fast._C is not available ({err}); reinstall with a C++ compiler to build it"
             return None
         _register()
-        _STATE["ops"] = torch.ops.tpm_fast_native
+        _STATE["ops"], _STATE["module"] = torch.ops.tpm_fast_native, module
     return _STATE.get("ops")
 
 

@@ -3,8 +3,10 @@
 Tiers, named apart as in flash-attention (``_flash_attn_forward`` / ``FlashAttnFunc`` / ``flash_attn_func``):
 
 - raw launchers ``tpm_fast.kernels.prefix_attention.launch_prefix_attention_fwd`` / ``..._bwd`` (no autograd, no
-  checks);
-- :class:`PrefixAttentionFunc`, the eager ``torch.autograd.Function`` (the lean path: one Python call per direction);
+  checks) and their allocation-free forms ``launch_fwd_into`` / ``launch_bwd_into``;
+- the eager autograd node: ``tpm_fast._C.prefix_attention_autograd`` (C++, csrc/triton_autograd.cpp: allocations,
+  saved tensors and the graph in C++, one Python launcher call per direction), or :class:`PrefixAttentionFunc`, the
+  same in Python, where ``tpm_fast._C`` is not built;
 - custom ops ``tpm_fast::prefix_attention_fwd`` / ``tpm_fast::prefix_attention_bwd`` with fake implementations and
   autograd, taken while ``torch.compile`` traces (``fullgraph=True`` works, dropout included);
 - :func:`prefix_attention`, the public function: the one place inputs are validated and the backend resolved;
@@ -63,26 +65,37 @@ def _kernels():
 
 
 class PrefixAttentionFunc(torch.autograd.Function):
-    """Eager autograd over the raw launchers (inputs already in the launch layout; see the kernels' module doc)."""
+    """Eager autograd over the raw launchers in Python: the fallback of :func:`_eager` where ``tpm_fast._C`` (whose
+    C++ node does the same with less host time) is not built. Inputs in the launch layout; ``plan`` from
+    ``plan_launches``, shared with the backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_p, v_p, key_padding_mask, lengths, seed, dropout_p, scale):
+    def forward(ctx, q, k, v, k_p, v_p, plan):
         kernels = _kernels()
-        plan = kernels.plan_launches(q, k, k_p, key_padding_mask, lengths, dropout_p, scale)  # shared with backward
-        out, lse = kernels.launch_prefix_attention_fwd(
-            q, k, v, k_p, v_p, key_padding_mask, lengths, seed, dropout_p, scale, plan
-        )
-        ctx.save_for_backward(q, k, v, k_p, v_p, out, lse, lengths, seed)
-        ctx.plan, ctx.dropout_p, ctx.scale = plan, dropout_p, scale
+        out = torch.empty_like(q)  # shape: (B, H, n, d)
+        lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)  # shape: (B, H, n)
+        kernels.launch_fwd_into(plan, q, k, v, k_p, v_p, out, lse)
+        ctx.save_for_backward(q, k, v, k_p, v_p, out, lse)
+        ctx.plan = plan
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, k_p, v_p, out, lse, lengths, seed = ctx.saved_tensors
-        grads = _kernels().launch_prefix_attention_bwd(
-            grad_out, q, k, v, k_p, v_p, out, lse, None, lengths, seed, ctx.dropout_p, ctx.scale, ctx.plan
-        )
-        return (*grads, None, None, None, None, None)
+        q, k, v, k_p, v_p, out, lse = ctx.saved_tensors
+        grads = tuple(torch.empty_like(t) for t in (q, k, v, k_p, v_p))
+        grad_out = grad_out if grad_out.stride() == q.stride() else torch.empty_like(q).copy_(grad_out)
+        _kernels().launch_bwd_into(ctx.plan, q, k, v, k_p, v_p, out, grad_out, lse, torch.empty_like(lse), *grads)
+        return (*grads, None)
+
+
+def _eager(q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor, plan) -> Tensor:
+    """The eager autograd path: the C++ node of ``tpm_fast._C`` (csrc/triton_autograd.cpp) when built, else
+    :class:`PrefixAttentionFunc`; both launch through ``launch_fwd_into`` / ``launch_bwd_into``."""
+    native = _native.extension()
+    if native is None:
+        return PrefixAttentionFunc.apply(q, k, v, k_p, v_p, plan)
+    kernels = _kernels()
+    return native.prefix_attention_autograd(q, k, v, k_p, v_p, plan, kernels.launch_fwd_into, kernels.launch_bwd_into)
 
 
 # ------------------------------------------------------------------------------------- custom ops (torch.compile)
@@ -201,28 +214,35 @@ def prefix_attention(
         ValueError: bad shapes / devices / mask / lengths / dropout_p, unknown backend, or ``backend="triton"``
             where it cannot run (no Triton, CPU without TRITON_INTERPRET=1, fp64, head dim not a power of 2).
     """
+    dtype = q.dtype
+    mixed = not (k.dtype == dtype and v.dtype == dtype and k_p.dtype == dtype and v_p.dtype == dtype)
+    if mixed:
+        dtype = _widest(q, k, v, k_p, v_p)
     if validate or backend == "auto":
         if validate:
             check_inputs(q, k, v, k_p, v_p, key_padding_mask, lengths, dropout_p)
-        dtype = q.dtype if q.dtype == k.dtype == v.dtype == k_p.dtype == v_p.dtype else _widest(q, k, v, k_p, v_p)
         unsupported = _backend.attention_unsupported(dtype, q.shape[3])
         backend = _backend.resolve(backend, "prefix_attention", q.device, dtype, unsupported)
     if backend == "reference":
         return reference_prefix_attention(
             q, k, v, k_p, v_p, key_padding_mask, lengths, dropout_p, scale, generator, validate=False
         )
-    if not q.dtype == k.dtype == v.dtype == k_p.dtype == v_p.dtype:
-        dtype = _widest(q, k, v, k_p, v_p)
+    if mixed:
         q, k, v, k_p, v_p = (t.to(dtype) for t in (q, k, v, k_p, v_p))
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
     seed = draw_dropout_seed(q.device, generator) if dropout_p > 0.0 else None
     if backend == "native":  # C++ CPU kernel (any strides); autograd and fakes registered in tpm_fast.ops.native
-        args = (key_padding_mask, lengths, seed, float(dropout_p), scale)
-        return _native.load().prefix_attention_fwd(q, k, v, k_p, v_p, *args)[0]
-    q, k, v, k_p, v_p = _kernels().canonical_inputs(q, k, v, k_p, v_p)
+        return _native.load().prefix_attention_fwd(
+            q, k, v, k_p, v_p, key_padding_mask, lengths, seed, dropout_p, scale
+        )[0]
+    kernels = _kernels()
+    q, k, v, k_p, v_p = kernels.canonical_inputs(q, k, v, k_p, v_p)
     if torch.compiler.is_compiling():
-        return _fwd_op(q, k, v, k_p, v_p, key_padding_mask, lengths, seed, float(dropout_p), scale)[0]
-    return PrefixAttentionFunc.apply(q, k, v, k_p, v_p, key_padding_mask, lengths, seed, float(dropout_p), scale)
+        return _fwd_op(q, k, v, k_p, v_p, key_padding_mask, lengths, seed, dropout_p, scale)[0]
+    return _eager(
+        q, k, v, k_p, v_p, kernels.plan_launches(q, k, k_p, key_padding_mask, lengths, seed, dropout_p, scale)
+    )
 
 
 def _widest(*tensors: Tensor) -> torch.dtype:

@@ -30,27 +30,33 @@ def check_inputs(
     Raises:
         ValueError: naming the first problem.
     """
-    if q.dim() != 4 or k.shape != v.shape or k_p.shape != v_p.shape or k.dim() != 4 or k_p.dim() != 4:
+    qs, ks, ps = q.shape, k.shape, k_p.shape
+    if len(qs) != 4 or len(ks) != 4 or len(ps) != 4 or ks != v.shape or ps != v_p.shape:
         raise ValueError(
             f"expected q (B,H,n,d), k/v (B,H,n_k,d), k_p/v_p (B,H,m,d); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
             f"v {tuple(v.shape)}, k_p {tuple(k_p.shape)}, v_p {tuple(v_p.shape)}"
         )
-    b, h, _, d = q.shape
-    n_k = k.shape[2]
-    if k.shape[:2] != (b, h) or k_p.shape[:2] != (b, h) or k.shape[3] != d or k_p.shape[3] != d:
-        raise ValueError(
-            f"batch/head/head-dim mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, k_p {tuple(k_p.shape)}"
-        )
-    devices = {t.device for t in (q, k, v, k_p, v_p, key_padding_mask, lengths) if t is not None}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    b, h, _, d = qs
+    if ks[0] != b or ks[1] != h or ks[3] != d or ps[0] != b or ps[1] != h or ps[3] != d:
+        raise ValueError(f"batch/head/head-dim mismatch: q {tuple(qs)}, k {tuple(ks)}, k_p {tuple(ps)}")
+    device = q.device
+    if (
+        k.device != device
+        or v.device != device
+        or k_p.device != device
+        or v_p.device != device
+        or (key_padding_mask is not None and key_padding_mask.device != device)
+        or (lengths is not None and lengths.device != device)
+    ):
+        devices = sorted({str(t.device) for t in (q, k, v, k_p, v_p, key_padding_mask, lengths) if t is not None})
+        raise ValueError(f"all inputs must be on one device, got {devices}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if lengths is not None and lengths.shape != (b,):
         raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")
-    if key_padding_mask is not None and (key_padding_mask.shape != (b, n_k) or key_padding_mask.dtype != torch.bool):
+    if key_padding_mask is not None and (key_padding_mask.shape != (b, ks[2]) or key_padding_mask.dtype != torch.bool):
         raise ValueError(
-            f"key_padding_mask must be bool of shape ({b}, {n_k}), got {key_padding_mask.dtype} "
+            f"key_padding_mask must be bool of shape ({b}, {ks[2]}), got {key_padding_mask.dtype} "
             f"{tuple(key_padding_mask.shape)}"
         )
 
