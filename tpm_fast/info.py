@@ -24,13 +24,15 @@ def _version(dist: str) -> str | None:
 
 
 def _triton() -> tuple[bool, str]:
+    from tpm_fast.ops import native
     from tpm_fast.ops.backend import interpreting, triton_available
 
     if not triton_available():
         return False, "not installed (pip install triton): CUDA runs the PyTorch reference"
     mode = "interpreter (TRITON_INTERPRET=1)" if interpreting() else "compiled"
     gpu = "" if torch.cuda.is_available() else "; no CUDA device: used on CUDA tensors only"
-    return True, f"{_version('triton')}, {mode}{gpu}"
+    node = "C++ autograd nodes" if native.extension() is not None else "Python autograd.Functions (no tpm_fast._C)"
+    return True, f"{_version('triton')}, {mode}{gpu}; eager autograd: {node}"
 
 
 def _native_cpu() -> tuple[bool, str]:

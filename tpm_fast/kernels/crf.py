@@ -81,6 +81,23 @@ def launch_meta(num_tags: int) -> tuple[int, int, int]:
     return meta
 
 
+_OPTIONS: dict[tuple[int, bool], tuple[dict, dict]] = {}
+
+
+def _options(num_tags: int, has_tags: bool) -> tuple[dict, dict]:
+    """The forward's and the backward's constexprs and launch options (``kernel.run`` keywords, ``grid`` aside),
+    cached per (T, tags given): a launch then builds no dict and no closure (``kernel[grid]`` would)."""
+    options = _OPTIONS.get((num_tags, has_tags))
+    if options is None:
+        block_t, warps_fwd, warps_bwd = launch_meta(num_tags)
+        common = dict(HAS_TAGS=has_tags, BLOCK_T=block_t, BLOCK_N=BLOCK_N, warmup=False)
+        options = _OPTIONS[num_tags, has_tags] = (
+            {**common, "num_warps": warps_fwd},
+            {**common, "num_warps": warps_bwd},
+        )
+    return options
+
+
 def _dense(x: Tensor) -> Tensor:
     return x if x.is_contiguous() else x.contiguous()
 
@@ -136,15 +153,13 @@ def launch_crf_forward_into(
     b, n, t = emissions.shape
     if b == 0:
         return
-    block_t, warps, _ = _META.get(t) or launch_meta(t)
     if emissions.stride(2) != 1:
         emissions = emissions.contiguous()
     seb, sen, _ = emissions.stride()
     gold, mask, stb, stn, smb, smn = _rows(tags, mask)
-    _crf_forward_kernel[(b,)](
+    _crf_forward_kernel.run(
         emissions, gold, mask, _dense(start), _dense(end), _dense(transitions),
-        out, alpha, n, t, seb, sen, stb, stn, smb, smn,
-        HAS_TAGS=tags is not None, BLOCK_T=block_t, BLOCK_N=BLOCK_N, num_warps=warps,
+        out, alpha, n, t, seb, sen, stb, stn, smb, smn, grid=(b,), **_options(t, tags is not None)[0],
     )  # fmt: skip
 
 
@@ -188,12 +203,10 @@ def launch_crf_backward_into(
     b, n, t = alpha.shape
     if b == 0:
         return
-    block_t, _, warps = _META.get(t) or launch_meta(t)
     gold, mask, stb, stn, smb, smn = _rows(tags, mask)
-    _crf_backward_kernel[(b,)](
+    _crf_backward_kernel.run(
         grad, gold, mask, _dense(end), _dense(transitions), alpha, g_em, g_par,
-        n, t, grad.stride(0), stb, stn, smb, smn,
-        HAS_TAGS=tags is not None, BLOCK_T=block_t, BLOCK_N=BLOCK_N, num_warps=warps,
+        n, t, grad.stride(0), stb, stn, smb, smn, grid=(b,), **_options(t, tags is not None)[1],
     )  # fmt: skip
 
 
@@ -223,9 +236,9 @@ def launch_crf_viterbi(
     mask = _u8(mask)
     seb, sen, _ = emissions.stride()
     smb, smn = mask.stride()
-    _crf_viterbi_kernel[(b,)](
+    _crf_viterbi_kernel.run(
         emissions, mask, _dense(start), _dense(end), _dense(transitions), bp, out, lengths,
         n, t, seb, sen, smb, smn,
-        BLOCK_T=block_t, BLOCK_N=BLOCK_N, num_warps=warps,
+        grid=(b,), warmup=False, BLOCK_T=block_t, BLOCK_N=BLOCK_N, num_warps=warps,
     )  # fmt: skip
     return out, lengths
