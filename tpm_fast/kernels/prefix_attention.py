@@ -38,7 +38,9 @@ __all__ = [
     "block_config",
     "canonical_inputs",
     "dropout_keep_mask",
+    "launch_bwd",
     "launch_bwd_into",
+    "launch_fwd",
     "launch_fwd_into",
     "launch_prefix_attention_bwd",
     "launch_prefix_attention_fwd",
@@ -166,7 +168,8 @@ def launch_fwd_into(
     plan: LaunchPlan, q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor, out: Tensor, lse: Tensor
 ) -> None:
     """The forward launch, writing ``out`` (``empty_like(q)``) and ``lse`` ((B, H, n) fp32 contiguous); the
-    allocation-free tier under :func:`launch_prefix_attention_fwd` (which documents the arguments)."""
+    allocation-free tier under :func:`launch_fwd` and :func:`launch_prefix_attention_fwd` (which documents the
+    arguments)."""
     if out.numel():
         _fwd_kernel.run(
             q, k, v, k_p, v_p, *plan.tensors, out, lse, *plan.scalars,
@@ -194,6 +197,26 @@ def launch_bwd_into(
     )  # fmt: skip
 
 
+def launch_fwd(plan: LaunchPlan, q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`launch_fwd_into` into fresh buffers: (out, lse) as :func:`launch_prefix_attention_fwd` returns them."""
+    out = torch.empty_like(q)  # shape: (B, H, n, d)
+    lse = torch.empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32, device=q.device)  # shape: (B, H, n)
+    launch_fwd_into(plan, q, k, v, k_p, v_p, out, lse)
+    return out, lse
+
+
+def launch_bwd(
+    plan: LaunchPlan, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor, out: Tensor,
+    lse: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """:func:`launch_bwd_into` into fresh buffers (``grad_out`` copied into q's strides only if it has others): the
+    gradients as :func:`launch_prefix_attention_bwd` returns them."""
+    grads = tuple(torch.empty_like(t) for t in (q, k, v, k_p, v_p))
+    delta = torch.empty_like(lse)  # shape: (B, H, n) fp32, rowsum(dO * O), written by the dQ kernel
+    launch_bwd_into(plan, q, k, v, k_p, v_p, out, _like(grad_out, q), lse, delta, *grads)
+    return grads
+
+
 def launch_prefix_attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -205,7 +228,6 @@ def launch_prefix_attention_fwd(
     seed: Tensor | None,
     dropout_p: float,
     scale: float,
-    plan: LaunchPlan | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Forward launch (inputs in the contract's layout, see :func:`canonical_inputs`).
 
@@ -217,17 +239,13 @@ def launch_prefix_attention_fwd(
             loop stops there (values are clamped to [0, n_k]). None: all n_k keys (subject to the mask).
         seed: (1,) int64 Philox seed on q's device (read only when dropout_p > 0).
         dropout_p: attention-probability dropout in [0, 1); scale: score scale.
-        plan: :func:`plan_launches` of these arguments (computed here when None).
 
     Returns:
         out (B, H, n, d) in q's dtype and strides (0 for rows with no visible key); lse (B, H, n) fp32 contiguous,
         per-row log-sum-exp of the scaled scores in log2 units (+inf for rows with no visible key).
     """
-    out = torch.empty_like(q)
-    lse = torch.empty(tuple(q.shape[:3]), dtype=torch.float32, device=q.device)
-    plan = plan or plan_launches(q, k, k_p, key_padding_mask, lengths, seed, dropout_p, scale)
-    launch_fwd_into(plan, q, k, v, k_p, v_p, out, lse)
-    return out, lse
+    plan = plan_launches(q, k, k_p, key_padding_mask, lengths, seed, dropout_p, scale)
+    return launch_fwd(plan, q, k, v, k_p, v_p)
 
 
 def launch_prefix_attention_bwd(
@@ -244,7 +262,6 @@ def launch_prefix_attention_bwd(
     seed: Tensor | None,
     dropout_p: float,
     scale: float,
-    plan: LaunchPlan | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward launches: dQ (+ delta), then dK/dV (+ the prefix's). Arguments as in the forward, plus its outputs
     and ``grad_out`` (B, H, n, d) (copied into q's strides only if it has others).
@@ -252,11 +269,8 @@ def launch_prefix_attention_bwd(
     Returns:
         (dq, dk, dv, dk_p, dv_p) with the strides and dtypes of (q, k, v, k_p, v_p); padded keys get exactly 0.
     """
-    grads = tuple(torch.empty_like(t) for t in (q, k, v, k_p, v_p))
-    plan = plan or plan_launches(q, k, k_p, key_padding_mask, lengths, seed, dropout_p, scale)
-    delta = torch.empty_like(lse)  # shape: (B, H, n) fp32, rowsum(dO * O), written by the dQ kernel
-    launch_bwd_into(plan, q, k, v, k_p, v_p, out, _like(grad_out, q), lse, delta, *grads)
-    return grads
+    plan = plan_launches(q, k, k_p, key_padding_mask, lengths, seed, dropout_p, scale)
+    return launch_bwd(plan, grad_out, q, k, v, k_p, v_p, out, lse)
 
 
 def dropout_keep_mask(b: int, h: int, n: int, m: int, n_k: int, dropout_p: float, seed: Tensor) -> Tensor:

@@ -71,10 +71,7 @@ class PrefixAttentionFunc(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, k_p, v_p, plan):
-        kernels = _kernels()
-        out = torch.empty_like(q)  # shape: (B, H, n, d)
-        lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)  # shape: (B, H, n)
-        kernels.launch_fwd_into(plan, q, k, v, k_p, v_p, out, lse)
+        out, lse = _kernels().launch_fwd(plan, q, k, v, k_p, v_p)
         ctx.save_for_backward(q, k, v, k_p, v_p, out, lse)
         ctx.plan = plan
         return out
@@ -82,19 +79,15 @@ class PrefixAttentionFunc(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, k_p, v_p, out, lse = ctx.saved_tensors
-        grads = tuple(torch.empty_like(t) for t in (q, k, v, k_p, v_p))
-        grad_out = grad_out if grad_out.stride() == q.stride() else torch.empty_like(q).copy_(grad_out)
-        _kernels().launch_bwd_into(ctx.plan, q, k, v, k_p, v_p, out, grad_out, lse, torch.empty_like(lse), *grads)
-        return (*grads, None)
+        return (*_kernels().launch_bwd(ctx.plan, grad_out, q, k, v, k_p, v_p, out, lse), None)
 
 
-def _eager(q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor, plan) -> Tensor:
+def _eager(kernels, q: Tensor, k: Tensor, v: Tensor, k_p: Tensor, v_p: Tensor, plan) -> Tensor:
     """The eager autograd path: the C++ node of ``tpm_fast._C`` (csrc/triton_autograd.cpp) when built, else
-    :class:`PrefixAttentionFunc`; both launch through ``launch_fwd_into`` / ``launch_bwd_into``."""
+    :class:`PrefixAttentionFunc`; both launch through ``kernels.launch_fwd_into`` / ``launch_bwd_into``."""
     native = _native.extension()
     if native is None:
         return PrefixAttentionFunc.apply(q, k, v, k_p, v_p, plan)
-    kernels = _kernels()
     return native.prefix_attention_autograd(q, k, v, k_p, v_p, plan, kernels.launch_fwd_into, kernels.launch_bwd_into)
 
 
@@ -240,9 +233,8 @@ def prefix_attention(
     q, k, v, k_p, v_p = kernels.canonical_inputs(q, k, v, k_p, v_p)
     if torch.compiler.is_compiling():
         return _fwd_op(q, k, v, k_p, v_p, key_padding_mask, lengths, seed, dropout_p, scale)[0]
-    return _eager(
-        q, k, v, k_p, v_p, kernels.plan_launches(q, k, k_p, key_padding_mask, lengths, seed, dropout_p, scale)
-    )
+    plan = kernels.plan_launches(q, k, k_p, key_padding_mask, lengths, seed, dropout_p, scale)
+    return _eager(kernels, q, k, v, k_p, v_p, plan)
 
 
 def _widest(*tensors: Tensor) -> torch.dtype:
