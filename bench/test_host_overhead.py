@@ -1,13 +1,14 @@
 """Host overhead of the fused ops: the GPU-independent part of their cost, measured on CPU.
 
 Provider ``triton_host`` runs a fused op's whole host path (validation, backend dispatch, autograd, allocations,
-launch metadata) on CPU tensors with every Triton launch replaced by a no-op, so the time is what the op costs the
-host per call whatever the GPU does. At TPM-MI's sizes a layer's attention is a few microseconds of GPU work, so this
-host time bounds the fused path's speed on a GPU. Beside it, on the same tiny tensors: HF eager attention and SDPA
-(their full CPU cost, which on tiny tensors is mostly host overhead too), pytorch-crf (at B=32, n=64, 10 tags), and
-``function_floor``: a ``torch.autograd.Function`` that only allocates the fused op's outputs and gradients (for the
-CRF: inside an ``nn.Module`` call with the same ``mean`` and negation), the least any op written as a Python
-autograd.Function can cost.
+launch metadata) on CPU tensors with every Triton launch replaced by a no-op (launches counted on one call, then
+timed with `tpm_fast.profiling.stub_triton_launches`, whose no-op does no counting), so the time is what the op
+costs the host per call whatever the GPU does. At TPM-MI's sizes a layer's attention is a few microseconds of GPU
+work, so this host time bounds the fused path's speed on a GPU. Beside it, on the same tiny tensors: HF eager
+attention and SDPA (their full CPU cost, which on tiny tensors is mostly host overhead too), pytorch-crf (at B=32,
+n=64, 10 tags), and ``function_floor``: a ``torch.autograd.Function`` that only allocates the fused op's outputs and
+gradients (for the CRF: inside an ``nn.Module`` call with the same ``mean`` and negation), the least any op written
+as a Python autograd.Function can cost.
 
 Targets (this CPU, ratios in one run): attention fwd+bwd <= 0.5x SDPA and <= 0.35x HF eager; CRF fwd+bwd <=
 0.01x pytorch-crf; Viterbi <= 0.02x pytorch-crf's decode.
@@ -23,18 +24,27 @@ from bench.test_attention import hf_eager, sdpa_mask
 from tpm_fast.layers.crf import CRF
 from tpm_fast.ops import backend
 from tpm_fast.ops.prefix_attention import prefix_attention
-from tpm_fast.profiling import count_triton_launches
+from tpm_fast.profiling import count_triton_launches, stub_triton_launches
 
 B, H, N, M, D = 2, 2, 16, 4, 16  # tiny: the kernels' own work is negligible, the host path is what is timed
 CRF_B, CRF_N, TAGS = 32, 64, 10
 
 
 @pytest.fixture
-def stubbed(monkeypatch):
-    """Triton launches are no-ops; ``backend="triton"`` accepted on CPU tensors (also without the interpreter)."""
+def host_bench(bench, monkeypatch):
+    """``host_bench(fn, **info)``: warms ``fn`` up, counts its Triton launches on one call, then times it with every
+    launch a plain no-op (``backend="triton"`` accepted on CPU tensors, also without the interpreter)."""
     monkeypatch.setattr(backend, "interpreting", lambda: True)
-    with count_triton_launches(stub=True) as launches:
-        yield launches
+
+    def run(fn, **info):
+        with count_triton_launches(stub=True) as launches:
+            fn()
+            launches.clear()
+            fn()
+        with stub_triton_launches():
+            bench(fn, launches_per_call=sum(launches.values()), **info)
+
+    return run
 
 
 def _fused(q, k, v, k_p, v_p, lengths):
@@ -69,7 +79,7 @@ ATTENTION = {
 
 
 @pytest.mark.parametrize("provider", list(ATTENTION))
-def test_attention_host(bench, stubbed, provider):
+def test_attention_host(host_bench, provider):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, generator=g).requires_grad_(True) for _ in range(3))
     k_p, v_p = (torch.randn(B, H, M, D, generator=g).requires_grad_(True) for _ in range(2))
@@ -80,12 +90,8 @@ def test_attention_host(bench, stubbed, provider):
     def forward_backward():
         return torch.autograd.grad(fn(q, k, v, k_p, v_p, lengths), (q, k, v, k_p, v_p), grad)
 
-    forward_backward()
-    stubbed.clear()
-    forward_backward()
     shape = {"B": B, "H": H, "n": N, "m": M, "d": D}
-    bench(forward_backward, group="host-attention-forward_backward", provider=provider, dtype=q.dtype, shape=shape,
-          launches_per_call=sum(stubbed.values()))  # fmt: skip
+    host_bench(forward_backward, group="host-attention-forward_backward", provider=provider, dtype=q.dtype, shape=shape)
 
 
 class _CRFFloor(torch.autograd.Function):
@@ -108,7 +114,7 @@ class _CRFFloorModule(CRF):
 
 @pytest.mark.parametrize("provider", ["pytorch-crf", "triton_host", "function_floor"])
 @pytest.mark.parametrize("mode", ["forward_backward", "decode"])
-def test_crf_host(bench, stubbed, mode, provider):
+def test_crf_host(host_bench, mode, provider):
     if provider == "function_floor" and mode == "decode":
         pytest.skip("the floor is of the autograd path")
     g = torch.Generator().manual_seed(0)
@@ -135,9 +141,5 @@ def test_crf_host(bench, stubbed, mode, provider):
         return crf.decode(emissions.detach(), mask, as_tensor=True, **kw)
 
     fn = forward_backward if mode == "forward_backward" else decode
-    fn()
-    stubbed.clear()
-    fn()
     shape = {"B": CRF_B, "n": CRF_N, "T": TAGS}
-    bench(fn, group=f"host-crf-{mode}", provider=provider, dtype=emissions.dtype, shape=shape,
-          launches_per_call=sum(stubbed.values()))  # fmt: skip
+    host_bench(fn, group=f"host-crf-{mode}", provider=provider, dtype=emissions.dtype, shape=shape)

@@ -454,22 +454,24 @@ BIO = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "X"]
 # ---------------------------------------------------------------------------------------------- self-check
 
 
+class _WrongKernel:
+    """A Triton kernel whose first output (argument 6 of each CRF kernel: the forward's ``out``, the backward's
+    emissions gradient, Viterbi's tags) comes out off by 1e-2 (1 for tags): launched as the real one, then shifted."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def run(self, *args, **kwargs):
+        self.kernel.run(*args, **kwargs)
+        args[6].add_(1 if args[6].dtype == torch.long else 1e-2)
+
+
 def _perturbed(name, monkeypatch):
-    """Replace the launcher ``name`` by one whose first output is off by 1e-2 (a wrong kernel): the returned one
-    (``launch_crf_viterbi``), or the first buffer it writes (the ``*_into`` launchers of the eager path)."""
+    """Replace the Triton kernel ``name`` of `tpm_fast.kernels.crf` (read at each launch by the Python launchers
+    and by the C++ autograd node) by a wrong one."""
     from tpm_fast.kernels import crf as kernels
 
-    launch = getattr(kernels, name)
-
-    def wrong(*args, **kwargs):
-        result = launch(*args, **kwargs)
-        if name.endswith("_into"):
-            args[6].add_(1e-2)  # out (forward) or the emissions' gradient (backward)
-            return result
-        first, *rest = result
-        return (first + (1 if first.dtype == torch.long else 1e-2), *rest)
-
-    monkeypatch.setattr(kernels, name, wrong)
+    monkeypatch.setattr(kernels, name, _WrongKernel(getattr(kernels, name)))
 
 
 def _crf_checks():
@@ -481,7 +483,7 @@ def _self_check_warnings(record):
     return [w for w in record if "self-check" in str(w.message)]  # not the interpreter's numpy warnings
 
 
-@pytest.mark.parametrize("name", ["launch_crf_forward_into", "launch_crf_backward_into", "launch_crf_viterbi"])
+@pytest.mark.parametrize("name", ["_crf_forward_kernel", "_crf_backward_kernel", "_crf_viterbi_kernel"])
 def test_self_check_rejects_a_wrong_kernel(name, auto_on_cpu, monkeypatch):
     """A kernel that fails the first-use self-check: "auto" warns once (naming the device) and uses the reference
     for the CRF on that device from then on."""
@@ -523,7 +525,7 @@ def test_self_check_passes_and_auto_picks_triton(auto_on_cpu):
 def test_self_check_off(auto_on_cpu, monkeypatch):
     """TPM_FAST_SELF_CHECK=0: no check runs, "auto" takes the (here wrong) kernel as is."""
     monkeypatch.setenv("TPM_FAST_SELF_CHECK", "0")
-    _perturbed("launch_crf_forward_into", monkeypatch)
+    _perturbed("_crf_forward_kernel", monkeypatch)
     em, tags, mask, params = _inputs(3, 5, 4, seed=42)
     with count_triton_launches() as launches:
         llh = ops.crf_log_likelihood(em, tags, mask, *params)

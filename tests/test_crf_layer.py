@@ -223,3 +223,21 @@ def test_validate_false_passes_through(backend):
     mask[1, 0] = False
     assert crf(em.float(), tags, mask, reduction="none", validate=False).shape == (3,)
     assert crf.decode(em.float(), mask, as_tensor=True, validate=False)[0].shape == (3, 5)
+
+
+def test_parametrized_parameters_are_used():
+    """`CRF._params` reads the parameters from the module's dicts on the hot path; a parametrization
+    (torch.nn.utils.parametrize) moves one out of them, and the CRF then reads it through the attribute."""
+    from torch.nn.utils import parametrize
+
+    class Halved(torch.nn.Module):
+        def forward(self, x):
+            return x / 2
+
+    ours, ref = _pair(5, True, seed=3)
+    em, tags, mask = _batch(4, 6, 5, True, seed=4)
+    parametrize.register_parametrization(ours, "transitions", Halved())
+    with torch.no_grad():
+        ref.transitions /= 2
+    torch.testing.assert_close(ours(em, tags, mask), ref(em, tags, mask), rtol=1e-11, atol=1e-11)
+    assert ours.decode(em, mask) == ref.decode(em, mask)

@@ -2,7 +2,7 @@
 
 import torch
 
-from tpm_fast.profiling import count_kernel_ops, count_triton_launches
+from tpm_fast.profiling import count_kernel_ops, count_triton_launches, stub_triton_launches
 
 
 def test_views_and_allocations_are_free_computations_count():
@@ -60,3 +60,23 @@ def test_triton_launches_counted_and_stubbed():
     with count_triton_launches(stub=True) as launches:
         crf_log_likelihood(em, tags, mask, *params, backend="triton").sum().backward()
     assert sum(launches.values()) == 2
+
+
+def test_stubbed_launches_do_nothing_and_are_restored():
+    from triton.runtime import interpreter, jit
+
+    from tpm_fast.ops.crf import crf_log_likelihood
+
+    originals = (jit.JITFunction.run, interpreter.InterpretedFunction.run)
+    em = torch.randn(2, 5, 4)
+    tags, mask = torch.randint(0, 4, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    params = [torch.zeros(4), torch.zeros(4), torch.zeros(4, 4)]
+    with count_triton_launches() as launches:
+        counting = jit.JITFunction.run
+        with stub_triton_launches():
+            out = crf_log_likelihood(em, tags, mask, *params, backend="triton")
+        assert not launches and out.shape == (2,)  # the stub replaced the counting entry: nothing counted
+        assert jit.JITFunction.run is counting  # and gave it back
+        crf_log_likelihood(em, tags, mask, *params, backend="triton")
+        assert sum(launches.values()) == 1
+    assert (jit.JITFunction.run, interpreter.InterpretedFunction.run) == originals

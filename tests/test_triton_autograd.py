@@ -82,6 +82,84 @@ def test_crf_node_matches_the_python_function(with_tags, param_grads, dtype, mon
     assert ours[1][0].dtype == dtype
 
 
+def _crf_run(em, tags, mask, params, w):
+    """crf_log_likelihood (Triton) and the gradients of ``(out * w).sum()`` w.r.t. fresh leaves of em and params."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in (em, *params)]
+    out = crf_ops.crf_log_likelihood(leaves[0], tags, mask, *leaves[1:], backend="triton", validate=False)
+    return out, torch.autograd.grad(out, leaves, w)
+
+
+@pytest.mark.parametrize("layout", ["strided", "uint8_mask", "empty_batch"])
+def test_crf_node_launch_arguments(layout, monkeypatch):
+    """The C++ node builds the launch arguments itself: strided emissions (last dim too, copied), tags, mask and
+    transitions, a uint8 mask and an empty batch give what the Python launchers give, bit for bit."""
+    em, tags, mask, params = crf_inputs(4, 11, 5, seed=len(layout), device=DEVICE)
+    tags = tags.clamp_min(0)
+    if layout == "empty_batch":
+        em, tags, mask = em[:0], tags[:0], mask[:0]
+    elif layout == "strided":
+        em = em.transpose(1, 2).contiguous().transpose(1, 2)  # shape: (B, n, T), stride(2) = n
+        tags = torch.cat([tags, tags], 1)[:, ::2]  # shape: (B, n), stride(1) = 2
+        mask = mask.t().contiguous().t()  # shape: (B, n), column-major
+        params[2] = params[2].t().contiguous().t()  # shape: (T, T), column-major
+    elif layout == "uint8_mask":
+        mask = mask.to(torch.uint8) * 3  # nonzero = on
+    w = torch.randn(em.shape[0], generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    ours = _crf_run(em, tags, mask, params, w)
+    assert "CRFLogLikelihood" in ours[0].grad_fn.name()
+    _python_fallback(monkeypatch)
+    theirs = _crf_run(em, tags, mask, params, w)
+    for a, t in zip((ours[0], *ours[1]), (theirs[0], *theirs[1])):
+        assert a.shape == t.shape and torch.equal(a, t)
+
+
+def test_crf_launch_errors_propagate(monkeypatch):
+    em, tags, mask, params = crf_inputs(3, 6, 4, seed=3, device=DEVICE)
+    leaves = [x.requires_grad_(True) for x in (em, *params)]
+    kernels = crf_ops._kernels()
+
+    class Failing:
+        def run(self, *args, **kwargs):
+            raise KeyError("injected launch failure")
+
+    def llh():
+        return crf_ops.crf_log_likelihood(leaves[0], tags.clamp_min(0), mask, *leaves[1:], backend="triton")
+
+    monkeypatch.setattr(kernels, "_crf_forward_kernel", Failing())
+    with pytest.raises(KeyError, match="injected launch failure"):  # forward: the Python exception itself
+        llh()
+    monkeypatch.undo()
+    out = llh()
+    monkeypatch.setattr(kernels, "_crf_backward_kernel", Failing())
+    out2 = llh()
+    torch.autograd.grad(out.sum(), leaves)  # its kernels were taken when its forward ran: unaffected
+    with pytest.raises(Exception, match="injected launch failure"):  # backward: raised through the engine
+        torch.autograd.grad(out2.sum(), leaves)
+
+
+def test_crf_node_releases_its_launch_spec():
+    em, tags, mask, params = crf_inputs(2, 5, 3, seed=4, device=DEVICE)
+    leaves = [x.requires_grad_(True) for x in (em, *params)]
+    kernels = crf_ops._kernels()
+
+    class Backward:  # the backward kernel, in an object that a weak reference can watch
+        def run(self, *args, **kwargs):
+            return kernels._crf_backward_kernel.run(*args, **kwargs)
+
+    forward, fwd_options, _, bwd_options = kernels.launch_spec(3, True, 2)
+    backward = Backward()
+    watched = weakref.ref(backward)
+    spec = (forward, fwd_options, backward, bwd_options)
+    out = native.extension().crf_autograd(leaves[0], tags.clamp_min(0), mask, *leaves[1:], spec)
+    del spec, backward
+    gc.collect()
+    assert watched() is not None  # the graph holds it
+    torch.autograd.grad(out.sum(), leaves, retain_graph=True)
+    del out
+    gc.collect()
+    assert watched() is None
+
+
 def test_no_graph_under_no_grad_and_inference_mode():
     inputs = attention_inputs(2, 1, 5, 5, 2, 16, seed=0, device=DEVICE)
     leaves = [x.requires_grad_(True) for x in inputs]

@@ -113,6 +113,21 @@ def inductor_kernel_profiling() -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
+def _triton_run_replaced(make_run):
+    """Inside the block, Triton's launch entry (``JITFunction.run``, the interpreter's too) is make_run(original)."""
+    from triton.runtime import interpreter, jit
+
+    originals = {cls: cls.run for cls in (jit.JITFunction, interpreter.InterpretedFunction)}
+    for cls, original in originals.items():
+        cls.run = make_run(original)
+    try:
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.run = original
+
+
+@contextlib.contextmanager
 def count_triton_launches(stub: bool = False):
     """Count Triton kernel launches (by kernel name) inside the block; with ``stub=True`` the launches do nothing.
 
@@ -122,10 +137,7 @@ def count_triton_launches(stub: bool = False):
     Yields:
         A Counter of kernel name -> launches, filled as the block runs.
     """
-    from triton.runtime import interpreter, jit
-
     launches: Counter = Counter()
-    originals = {cls: cls.run for cls in (jit.JITFunction, interpreter.InterpretedFunction)}
 
     def patched(original):
         def run(self, *args, **kwargs):
@@ -134,13 +146,18 @@ def count_triton_launches(stub: bool = False):
 
         return run
 
-    for cls, original in originals.items():
-        cls.run = patched(original)
-    try:
+    with _triton_run_replaced(patched):
         yield launches
-    finally:
-        for cls, original in originals.items():
-            cls.run = original
+
+
+def stub_triton_launches() -> contextlib.AbstractContextManager:
+    """Inside the block, Triton launches do nothing and are not counted: for timing a path's host side without the
+    bookkeeping of :func:`count_triton_launches` (whose counting, ~1-3 us a launch, is not the path's cost)."""
+    return _triton_run_replaced(lambda original: _no_launch)
+
+
+def _no_launch(self, *args, **kwargs) -> None:
+    return None
 
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")

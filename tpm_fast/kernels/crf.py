@@ -48,11 +48,10 @@ from tpm_fast.ops.backend import MAX_TAGS
 __all__ = [
     "BLOCK_N",
     "launch_crf_backward",
-    "launch_crf_backward_into",
     "launch_crf_forward",
-    "launch_crf_forward_into",
     "launch_crf_viterbi",
     "launch_meta",
+    "launch_spec",
 ]
 
 BLOCK_N = 64
@@ -81,17 +80,20 @@ def launch_meta(num_tags: int) -> tuple[int, int, int]:
     return meta
 
 
-_OPTIONS: dict[tuple[int, bool], tuple[dict, dict]] = {}
+_OPTIONS: dict[tuple[int, bool, int], tuple[dict, dict]] = {}
 
 
-def _options(num_tags: int, has_tags: bool) -> tuple[dict, dict]:
-    """The forward's and the backward's constexprs and launch options (``kernel.run`` keywords, ``grid`` aside),
-    cached per (T, tags given): a launch then builds no dict and no closure (``kernel[grid]`` would)."""
-    options = _OPTIONS.get((num_tags, has_tags))
+def _options(num_tags: int, has_tags: bool, batch: int) -> tuple[dict, dict]:
+    """The forward's and the backward's ``kernel.run`` keywords (constexprs, launch options, ``grid=(B,)``), cached
+    per (T, tags given, B): a launch then builds no dict, no grid and no closure (``kernel[grid]`` would build
+    them)."""
+    options = _OPTIONS.get((num_tags, has_tags, batch))
     if options is None:
+        if len(_OPTIONS) >= 4096:  # batch sizes seen by a long-lived process: keep the cache bounded
+            _OPTIONS.clear()
         block_t, warps_fwd, warps_bwd = launch_meta(num_tags)
-        common = dict(HAS_TAGS=has_tags, BLOCK_T=block_t, BLOCK_N=BLOCK_N, warmup=False)
-        options = _OPTIONS[num_tags, has_tags] = (
+        common = dict(HAS_TAGS=has_tags, BLOCK_T=block_t, BLOCK_N=BLOCK_N, warmup=False, grid=(batch,))
+        options = _OPTIONS[num_tags, has_tags, batch] = (
             {**common, "num_warps": warps_fwd},
             {**common, "num_warps": warps_bwd},
         )
@@ -114,6 +116,14 @@ def _rows(tags: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor, int, int, 
         return mask, mask, 0, 0, smb, smn
     stb, stn = tags.stride()
     return tags, mask, stb, stn, smb, smn
+
+
+def launch_spec(num_tags: int, has_tags: bool, batch: int) -> tuple:
+    """What the C++ autograd node ``tpm_fast._C.crf_autograd`` launches (``kernel.run(*args, **keywords)``, with the
+    arguments `launch_crf_forward` / `launch_crf_backward` pass, built in C++): (forward kernel, its keywords,
+    backward kernel, its keywords). The kernels are read from this module at each call."""
+    forward, backward = _options(num_tags, has_tags, batch)
+    return _crf_forward_kernel, forward, _crf_backward_kernel, backward
 
 
 def launch_crf_forward(
@@ -140,27 +150,17 @@ def launch_crf_forward(
     b, n, t = emissions.shape
     out = torch.empty(b, dtype=_F32, device=emissions.device)  # shape: (B,)
     alpha = torch.empty((b, n, t), dtype=_F32, device=emissions.device)  # shape: (B, n, T)
-    launch_crf_forward_into(emissions, tags, mask, start, end, transitions, out, alpha)
-    return out, alpha
-
-
-def launch_crf_forward_into(
-    emissions: Tensor, tags: Tensor | None, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor,
-    out: Tensor, alpha: Tensor,
-) -> None:  # fmt: skip
-    """`launch_crf_forward` writing into ``out`` ((B,) fp32) and ``alpha`` ((B, n, T) fp32 contiguous), which the
-    caller allocated (the C++ autograd node of `tpm_fast.ops.crf` does)."""
-    b, n, t = emissions.shape
     if b == 0:
-        return
+        return out, alpha
     if emissions.stride(2) != 1:
         emissions = emissions.contiguous()
     seb, sen, _ = emissions.stride()
     gold, mask, stb, stn, smb, smn = _rows(tags, mask)
     _crf_forward_kernel.run(
         emissions, gold, mask, _dense(start), _dense(end), _dense(transitions),
-        out, alpha, n, t, seb, sen, stb, stn, smb, smn, grid=(b,), **_options(t, tags is not None)[0],
+        out, alpha, n, t, seb, sen, stb, stn, smb, smn, **_options(t, tags is not None, b)[0],
     )  # fmt: skip
+    return out, alpha
 
 
 def launch_crf_backward(
@@ -190,24 +190,14 @@ def launch_crf_backward(
     b, n, t = alpha.shape
     g_em = torch.empty((b, n, t), dtype=grad_dtype, device=alpha.device)  # shape: (B, n, T)
     g_par = torch.empty((b, 2 * t + t * t), dtype=_F32, device=alpha.device)  # shape: (B, 2T + T*T)
-    launch_crf_backward_into(grad, tags, mask, end, transitions, alpha, g_em, g_par)
-    return g_em, g_par
-
-
-def launch_crf_backward_into(
-    grad: Tensor, tags: Tensor | None, mask: Tensor, end: Tensor, transitions: Tensor, alpha: Tensor,
-    g_em: Tensor, g_par: Tensor,
-) -> None:  # fmt: skip
-    """`launch_crf_backward` writing into ``g_em`` ((B, n, T) contiguous, the emissions' dtype) and ``g_par``
-    ((B, 2T + T*T) fp32), which the caller allocated."""
-    b, n, t = alpha.shape
     if b == 0:
-        return
+        return g_em, g_par
     gold, mask, stb, stn, smb, smn = _rows(tags, mask)
     _crf_backward_kernel.run(
         grad, gold, mask, _dense(end), _dense(transitions), alpha, g_em, g_par,
-        n, t, grad.stride(0), stb, stn, smb, smn, grid=(b,), **_options(t, tags is not None)[1],
+        n, t, grad.stride(0), stb, stn, smb, smn, **_options(t, tags is not None, b)[1],
     )  # fmt: skip
+    return g_em, g_par
 
 
 def launch_crf_viterbi(

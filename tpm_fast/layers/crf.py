@@ -95,10 +95,14 @@ class CRF(nn.Module):
     def _params(self) -> tuple[Tensor, Tensor, Tensor]:
         """start (T,), end (T,), transitions (T, T) with forbidden moves (`from_labels`) set to :data:`FORBIDDEN`
         (built once per call; their gradients are 0 there)."""
-        start, end, trans = self.start_transitions, self.end_transitions, self.transitions
-        if self.allowed_transitions is not None:
-            start = torch.where(self.allowed_start, start, FORBIDDEN)
-            trans = torch.where(self.allowed_transitions, trans, FORBIDDEN)
+        params, allowed = self._parameters, self._buffers["allowed_transitions"]
+        if len(params) == 3:  # read from the dicts: nn.Module.__getattr__ costs ~1 us an attribute on the hot path
+            start, end, trans = params["start_transitions"], params["end_transitions"], params["transitions"]
+        else:  # parametrized (torch.nn.utils.parametrize): through the attributes
+            start, end, trans = self.start_transitions, self.end_transitions, self.transitions
+        if allowed is not None:
+            start = torch.where(self._buffers["allowed_start"], start, FORBIDDEN)
+            trans = torch.where(allowed, trans, FORBIDDEN)
         return start, end, trans
 
     def forward(

@@ -106,10 +106,9 @@ def _eager(
     `CRFLogLikelihoodFunc`; both launch the same kernels with the same arithmetic."""
     native = _native.extension()
     if native is None:
-        return CRFLogLikelihoodFunc.apply(emissions, tags, mask, start, end, transitions)
-    kernels = _kernels()
-    launchers = (kernels.launch_crf_forward_into, kernels.launch_crf_backward_into)
-    return native.crf_autograd(emissions, tags, mask.bool(), start, end, transitions, *launchers)
+        return CRFLogLikelihoodFunc.apply(emissions, tags, mask.bool(), start, end, transitions)
+    launch = _kernels().launch_spec(emissions.shape[2], tags is not None, emissions.shape[0])
+    return native.crf_autograd(emissions, tags, mask, start, end, transitions, launch)
 
 
 # ---------------------------------------------------------------------------------------------- torch.compile tier
