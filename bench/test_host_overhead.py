@@ -109,7 +109,7 @@ class _CRFFloor(torch.autograd.Function):
 
 class _CRFFloorModule(CRF):
     def forward(self, emissions, tags, mask, reduction="mean", validate=False):
-        return _CRFFloor.apply(emissions, self.start_transitions, self.end_transitions, self.transitions).mean()
+        return _CRFFloor.apply(emissions, *self._params()).mean()  # the parameters read as CRF.forward reads them
 
 
 @pytest.mark.parametrize("provider", ["pytorch-crf", "triton_host", "function_floor"])

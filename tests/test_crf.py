@@ -467,8 +467,8 @@ class _WrongKernel:
 
 
 def _perturbed(name, monkeypatch):
-    """Replace the Triton kernel ``name`` of `tpm_fast.kernels.crf` (read at each launch by the Python launchers
-    and by the C++ autograd node) by a wrong one."""
+    """Replace the Triton kernel ``name`` of `tpm_fast.kernels.crf` (read by the Python launchers at each launch, by
+    the C++ autograd node at each forward) by a wrong one."""
     from tpm_fast.kernels import crf as kernels
 
     monkeypatch.setattr(kernels, name, _WrongKernel(getattr(kernels, name)))
