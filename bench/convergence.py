@@ -11,7 +11,9 @@ best dev F1, test F1 and training posts/s (mean over epochs), with the mean of e
   kernels);
 - ``fast_reference_kernels``: the same on the PyTorch reference kernels (``--backend reference``), what ``fast``
   ran before the native kernels: the pair shows what they change, seed by seed;
-- ``bucketed``: the defaults with length-bucketed batches forced (``--bucket on``), to show what bucketing costs.
+- ``bucketed``: the defaults with length-bucketed batches forced (``--bucket on``), to show what bucketing costs;
+- ``cache``: the defaults with the decoded-image cache (``--image-cache``, built by the first run in the work folder),
+  whose runs give the model every core (``fast`` keeps one for decoding).
 
     python bench/convergence.py --seeds 1 2 3 --out bench/results/convergence.json [-- extra train.py args]
 """
@@ -36,11 +38,13 @@ CONFIGS = {
     "fast": ([], {}),
     "fast_reference_kernels": (["--backend", "reference"], {}),
     "bucketed": (["--bucket", "on"], {}),
+    "cache": (["--image-cache", "{work}/image-cache"], {}),
 }
 
 
 def run(config: str, seed: int, extra: list[str], work: Path) -> dict:
     args, env = CONFIGS[config]
+    args = [a.format(work=work) for a in args]
     out = work / f"{config}-seed{seed}"
     cmd = [sys.executable, "train.py", "--seed", str(seed), "--output-dir", str(out), "--no-progress", *args, *extra]
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | env

@@ -43,21 +43,31 @@ def test_bf16_asked_for_on_a_cpu_without_it_says_so(monkeypatch):
     assert precision == "bf16" and "slower" in why
 
 
-@pytest.mark.parametrize("cores,ranks,mode,workers", [(2, 1, "multi", 1), (2, 1, "text", 0), (2, 2, "multi", 0)])
-def test_image_threads_and_compute_threads_never_oversubscribe(monkeypatch, cores, ranks, mode, workers):
+@pytest.mark.parametrize(
+    "cores,ranks,mode,loader,workers",
+    [(2, 1, "multi", "pil", 1), (2, 1, "text", "pil", 0), (2, 2, "multi", "pil", 0), (2, 1, "multi", "cache", 0),
+     (16, 2, "multi", "cache", 0), (16, 2, "multi", "dali", 1)],
+)  # fmt: skip
+def test_image_threads_and_compute_threads_never_oversubscribe(monkeypatch, cores, ranks, mode, loader, workers):
     monkeypatch.setattr(runtime, "cpu_cores", lambda: cores)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("TPM_FAST_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
-        chosen, _ = runtime.choose_image_threads(None, mode, CPU)
+        chosen, _ = runtime.choose_image_threads(None, mode, CPU, loader)
         threads, _ = runtime.configure_threads(chosen, CPU)
         assert chosen == workers
         assert threads == torch.get_num_threads() >= 1
-        assert ranks * (threads + chosen) <= max(cores, ranks)
+        assert ranks * (threads + chosen) == max(cores, ranks)  # every core busy, none shared
+        ahead = runtime.feed_prefetch(chosen, threads, CPU)
+        assert ahead == (0 if chosen == 0 and threads > 1 else 2)  # no thread beside all-core compute
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_feed_assembles_ahead_on_a_gpu():
+    assert runtime.feed_prefetch(0, 1, torch.device("cuda", 0)) == runtime.feed_prefetch(4, 12, CPU) == 2
 
 
 def test_user_thread_settings_win(monkeypatch):

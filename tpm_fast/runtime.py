@@ -65,11 +65,15 @@ def choose_image_loader(
     return "pil", f"auto: no --image-cache; {why}"
 
 
-def choose_image_threads(requested: int | None, image_mode: str, device: torch.device) -> tuple[int, str]:
-    """Image decoding threads per rank (PIL's thread pool, DALI's CPU threads, the cache build).
+def choose_image_threads(
+    requested: int | None, image_mode: str, device: torch.device, loader: str = "pil"
+) -> tuple[int, str]:
+    """Image-loading threads per rank beside the step (PIL's thread pool, DALI's CPU threads).
 
     They run beside the step, so on CPU they take cores from the model: one per rank (the decode of ~3 images per
-    post keeps up with a CPU step); on CUDA up to 8 per rank, bounded by the rank's cores minus the main thread.
+    post keeps up with a CPU step), none for the decoded-image cache (a batch is a read and a normalization: the
+    step's own threads do it, and every core computes); on CUDA up to 8 per rank, bounded by the rank's cores minus
+    the main thread. 0 also means the feed assembles batches in the step's thread (:func:`feed_prefetch`).
     """
     if requested is not None:
         return requested, "--image-threads"
@@ -78,9 +82,23 @@ def choose_image_threads(requested: int | None, image_mode: str, device: torch.d
     per_rank = max(1, cpu_cores() // local_world_size())
     if device.type == "cuda":
         return max(1, min(8, per_rank - 1)), f"{per_rank} cores per rank"
+    if loader == "cache":
+        return 0, "the cache decodes nothing per batch: the step's threads read it, every core computes"
     if per_rank < 2:
-        return 0, "one core per rank: no decoding thread beside the feed's"
+        return 0, "one core per rank: decoded in the step's thread"
     return 1, f"{per_rank} cores per rank: one decodes images"
+
+
+def feed_prefetch(image_threads: int, compute_threads: int, device: torch.device) -> int:
+    """Batches the image feed assembles ahead of the step in a background thread (0: in the step's thread).
+
+    Ahead (2) where a core is kept for loading (``image_threads`` > 0), the step runs on a GPU, or it computes on one
+    thread (a background thread then only takes turns with it, and can fill its waits). On CPU without image threads
+    and with intra-op threads on every core, a background thread takes turns with those threads on their cores while
+    the others wait for them at their barriers: assembling in the step's thread trained the embedded default with the
+    decoded-image cache ~1.5x faster on 2 cores (``bench/image_feed.py``, ``bench/README.md``).
+    """
+    return 2 if device.type == "cuda" or image_threads > 0 or compute_threads == 1 else 0
 
 
 def configure_threads(image_threads: int, device: torch.device) -> tuple[int, str]:

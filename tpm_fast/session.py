@@ -38,6 +38,8 @@ from tpm_fast.runtime import (
     choose_precision,
     choose_zero_stage,
     configure_threads,
+    cpu_cores,
+    feed_prefetch,
 )
 
 
@@ -56,6 +58,8 @@ class Session:
         source: where images come from (None in text mode).
         choices: what was chosen for the machine, and why (name -> [choice, why]; the run record's ``choices``).
         data: the data's fingerprint (:func:`tpm_fast.record.fingerprint`; rank 0 only).
+        prefetch: batches the feeds assemble ahead in a background thread (0: in the step's thread;
+            :func:`tpm_fast.runtime.feed_prefetch`).
     """
 
     args: argparse.Namespace
@@ -74,6 +78,7 @@ class Session:
     model: TPMMI | None = None
     choices: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
+    prefetch: int = 2
 
     @property
     def out(self) -> Path:
@@ -91,7 +96,7 @@ class Session:
         """Batches of ``data`` on the device with their images: this rank's shard (shuffled, or for an unshuffled
         feed its block of the one-rank batches, which :func:`tpm_fast.engine.evaluate` gathers)."""
         batches = make_loader(data, batch_size, shuffle, self.args.seed, self.rank, self.world, bucket=bucket)
-        return ImageFeed(batches, self.source, self.device, dtype, self.stats)
+        return ImageFeed(batches, self.source, self.device, dtype, self.stats, self.prefetch)
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -142,7 +147,7 @@ def image_source(name: str, spec: ImageSpec, threads: int, session_args: dict, s
         cache = ImageCache(cache_dir, spec.size)
         start = time.perf_counter()
         paths = [path for split in session_args["posts"].values() for p in split for path in p.images]
-        added = cache.build(paths, threads, session_args["progress"])
+        added = cache.build(paths, threads or cpu_cores(), session_args["progress"])  # before training: all cores
         say(f"image cache {cache_dir}: {len(cache)} files, {added} decoded now ({time.perf_counter() - start:.0f} s)")
     deepspeed.comm.barrier()
     return CachedImages(ImageCache(cache_dir, spec.size), spec)
@@ -194,18 +199,20 @@ def prepare(args: argparse.Namespace) -> Session:
         loader, why_loader = choose_image_loader(args.image_loader, image_mode, device, args.image_cache)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    image_threads, why_image_threads = choose_image_threads(args.image_threads, image_mode, device)
+    image_threads, why_image_threads = choose_image_threads(args.image_threads, image_mode, device, loader)
     threads, why_threads = configure_threads(image_threads, device)
+    prefetch = feed_prefetch(image_threads, threads, device)
+    where_batches = f"{prefetch} ahead in a background thread" if prefetch else "in the step's thread"
     say(f"images: {loader} ({why_loader}); {image_threads} image thread(s) ({why_image_threads}); "
-        f"{threads} compute thread(s) per rank ({why_threads})")  # fmt: skip
+        f"{threads} compute thread(s) per rank ({why_threads}); batches assembled {where_batches}")  # fmt: skip
     progress = rank == 0 and not args.no_progress
     where = dict(device=device, cache_dir=args.image_cache, posts=posts, rank=rank, progress=progress)
     source = image_source(loader, spec, image_threads, where, say)
     choices = {"image_loader": [loader, why_loader], "image_threads": [image_threads, why_image_threads],
-               "compute_threads": [threads, why_threads]}  # fmt: skip
+               "compute_threads": [threads, why_threads], "prefetch": [prefetch, where_batches]}  # fmt: skip
     data = fingerprint({s: layout.split_file(s) for s in posts}, posts) if rank == 0 else {}
     return Session(args, rank, world, device, say, progress, posts, stats, tokenizer, spec, max_len, image_mode,
-                   source, model, choices, data)  # fmt: skip
+                   source, model, choices, data, prefetch)  # fmt: skip
 
 
 @dataclass
