@@ -4,9 +4,11 @@ Separate ``train.py`` runs on a shared 2-core machine differ by 10-30 % from one
 feeds differ. This script builds the embedded default's model once and trains epoch after epoch, switching the feed
 and the compute threads before each epoch, so every configuration sees the same machine state in every round:
 
-- ``pil``: the default without a cache: one PIL thread decoding 2 batches ahead, 1 compute thread;
-- ``cache_ahead``: the cache read the same way (1 background thread, 1 compute thread; ``--image-threads 1``);
-- ``cache``: the cache's default: batches assembled in the step's thread, 2 compute threads (every core).
+- ``pil``: the default without a cache (on 2 cores: one PIL thread decoding 2 batches ahead, 1 compute thread);
+- ``cache_ahead``: the cache read the same way (``--image-threads 1``);
+- ``cache``: the cache's default (on 2 cores: batches assembled in the step's thread, 2 compute threads).
+
+Each configuration's threads and prefetch come from ``train.py``'s own rules (:mod:`tpm_fast.runtime`).
 
 The model keeps training across epochs (their cost does not depend on the weights); round 0 is a warm-up and is not
 counted. Prints posts/s per epoch and each configuration's median ratio to ``pil``, paired by round.
@@ -23,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -32,7 +32,7 @@ import train  # noqa: E402
 from tpm_fast import session, trainer  # noqa: E402
 from tpm_fast.data.feed import PILImages  # noqa: E402
 from tpm_fast.engine import set_epoch  # noqa: E402
-from tpm_fast.runtime import cpu_cores  # noqa: E402
+from tpm_fast.runtime import choose_image_threads, configure_threads, cpu_cores, feed_prefetch  # noqa: E402
 
 
 def main() -> None:
@@ -46,20 +46,21 @@ def main() -> None:
         s = session.prepare(run_args)  # builds the cache where it lacks images
         t = session.build_training(s)
         _, steps = trainer.start(s, t)
-        feed, cores = t.train_loader, cpu_cores()
-        configs = {  # name: (source, compute threads, batches ahead)
-            "pil": (PILImages(s.spec, 1), cores - 1, 2),
-            "cache_ahead": (s.source, cores - 1, 2),
-            "cache": (s.source, cores, 0),
+        feed = t.train_loader
+        pil_threads, _ = choose_image_threads(None, s.image_mode, s.device, "pil")
+        configs = {  # name: (source, image threads as train.py chooses them)
+            "pil": (PILImages(s.spec, pil_threads), pil_threads),
+            "cache_ahead": (s.source, 1),
+            "cache": (s.source, choose_image_threads(None, s.image_mode, s.device, "cache")[0]),
         }
         rates: dict[str, list[float]] = {name: [] for name in configs}
         t.engine.train()
         epoch = 0
         for round_ in range(args.rounds + 1):
-            for name, (source, threads, ahead) in configs.items():
+            for name, (source, image_threads) in configs.items():
                 epoch += 1
-                feed.source, feed.prefetch = source, ahead
-                torch.set_num_threads(threads)
+                threads, _ = configure_threads(image_threads, s.device)  # sets torch's intra-op threads
+                feed.source, feed.prefetch = source, feed_prefetch(image_threads, threads, s.device)
                 set_epoch(feed.loader, epoch)
                 start, posts = time.perf_counter(), 0
                 for batch in feed:
@@ -70,7 +71,7 @@ def main() -> None:
                 if round_:
                     rates[name].append(rate)
                 print(f"round {round_} {name}: {rate:.1f} posts/s{'' if round_ else ' (warm-up)'}", flush=True)
-    print(f"\n{cores} cores; posts/s, median over {args.rounds} rounds; ratio to pil paired by round")
+    print(f"\n{cpu_cores()} cores; posts/s, median over {args.rounds} rounds; ratio to pil paired by round")
     for name, values in rates.items():
         ratios = [v / b for v, b in zip(values, rates["pil"], strict=True)]
         print(f"{name}: {statistics.median(values):.1f} posts/s, {statistics.median(ratios):.2f}x pil "

@@ -70,10 +70,11 @@ def choose_image_threads(
 ) -> tuple[int, str]:
     """Image-loading threads per rank beside the step (PIL's thread pool, DALI's CPU threads).
 
-    They run beside the step, so on CPU they take cores from the model: one per rank (the decode of ~3 images per
-    post keeps up with a CPU step), none for the decoded-image cache (a batch is a read and a normalization: the
-    step's own threads do it, and every core computes); on CUDA up to 8 per rank, bounded by the rank's cores minus
-    the main thread. 0 also means the feed assembles batches in the step's thread (:func:`feed_prefetch`).
+    They run beside the step, so on CPU they take cores from the model: one per rank with at least 2 cores (the
+    decode of ~3 images per post keeps up with a CPU step), none for the decoded-image cache (a batch is a read and a
+    normalization, so no core is kept for it); on CUDA up to 8 per rank, bounded by the rank's cores minus the main
+    thread. Where 0 leaves intra-op threads on every core, the feed also assembles batches in the step's thread
+    (:func:`feed_prefetch`).
     """
     if requested is not None:
         return requested, "--image-threads"
@@ -83,9 +84,9 @@ def choose_image_threads(
     if device.type == "cuda":
         return max(1, min(8, per_rank - 1)), f"{per_rank} cores per rank"
     if loader == "cache":
-        return 0, "the cache decodes nothing per batch: the step's threads read it, every core computes"
+        return 0, "the cache decodes nothing per batch: no core is kept for it"
     if per_rank < 2:
-        return 0, "one core per rank: decoded in the step's thread"
+        return 0, "one core per rank: no decoding thread beside the feed's"
     return 1, f"{per_rank} cores per rank: one decodes images"
 
 
