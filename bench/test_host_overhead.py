@@ -7,8 +7,8 @@ costs the host per call whatever the GPU does. At TPM-MI's sizes a layer's atten
 work, so this host time bounds the fused path's speed on a GPU. Beside it, on the same tiny tensors: HF eager
 attention and SDPA (their full CPU cost, which on tiny tensors is mostly host overhead too), pytorch-crf (at B=32,
 n=64, 10 tags), and ``function_floor``: a ``torch.autograd.Function`` that only allocates the fused op's outputs and
-gradients (for the CRF: inside an ``nn.Module`` call with the same ``mean`` and negation), the least any op written
-as a Python autograd.Function can cost.
+gradients (for the CRF: inside an ``nn.Module`` call, taking the batch mean inside the Function as the op's node
+does, the loss's negation outside), the least any op written as a Python autograd.Function can cost.
 
 Targets (this CPU, ratios in one run): attention fwd+bwd <= 0.5x SDPA and <= 0.35x HF eager; CRF fwd+bwd <=
 0.01x pytorch-crf; Viterbi <= 0.02x pytorch-crf's decode.
@@ -95,12 +95,13 @@ def test_attention_host(host_bench, provider):
 
 
 class _CRFFloor(torch.autograd.Function):
-    """The CRF's counterpart of `_Floor`: allocates the (B,) log-likelihood and the four gradients, nothing else."""
+    """The CRF's counterpart of `_Floor`: allocates the (B,) log-likelihood and the four gradients and takes the
+    batch mean (as the op's node does for ``reduction="mean"``), nothing else."""
 
     @staticmethod
     def forward(ctx, emissions, start, end, transitions):
         ctx.save_for_backward(emissions, start, end, transitions)
-        return emissions.new_empty(emissions.shape[0])
+        return emissions.new_empty(emissions.shape[0]).mean()
 
     @staticmethod
     def backward(ctx, grad):
@@ -109,7 +110,7 @@ class _CRFFloor(torch.autograd.Function):
 
 class _CRFFloorModule(CRF):
     def forward(self, emissions, tags, mask, reduction="mean", validate=False):
-        return _CRFFloor.apply(emissions, *self._params()).mean()  # the parameters read as CRF.forward reads them
+        return _CRFFloor.apply(emissions, *self._params())  # the parameters read as CRF.forward reads them
 
 
 @pytest.mark.parametrize("provider", ["pytorch-crf", "triton_host", "function_floor"])

@@ -85,14 +85,17 @@ void run_triton(const py::handle& kernel, const py::handle& keywords, const py::
 // CRF log-likelihood (tags given) or log partition (tags absent): emissions (B, n, T) float, tags (B, n) int64,
 // mask (B, n) bool or uint8, start / end (T,), transitions (T, T). Returns (B,) fp32, differentiable w.r.t.
 // emissions (grad in their dtype), start, end and transitions (grads in each one's dtype; reduced over the batch
-// only when needed). `launch` = tpm_fast.kernels.crf.launch_spec(T, tags given, B): (forward kernel, its keywords,
+// only when needed); with `reduction` 1 (sum) or 2 (mean over the batch) the node returns that scalar itself, so a
+// reduced loss costs no reduction node of its own in the graph (its backward divides the scalar grad by B where
+// MeanBackward would, and the kernel reads it with stride 0). `launch` = tpm_fast.kernels.crf.launch_spec(T, tags
+// given, B): (forward kernel, its keywords,
 // backward kernel, its keywords). The launch arguments are built here, as launch_crf_forward / launch_crf_backward
 // build them (tests/test_triton_autograd.py holds the two paths to the same bits), so the CRF's eager host path runs
 // no Python of its own between the op and Triton's launch entry (bench/test_host_overhead.py).
 struct CRFLogLikelihood : public torch::autograd::Function<CRFLogLikelihood> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& emissions, const std::optional<at::Tensor>& tags,
                             const at::Tensor& mask, const at::Tensor& start, const at::Tensor& end,
-                            const at::Tensor& transitions, const py::tuple& launch) {
+                            const at::Tensor& transitions, const py::tuple& launch, int64_t reduction) {
     const int64_t b = emissions.size(0), n = emissions.size(1), t = emissions.size(2);
     const auto f32 = emissions.options().dtype(at::kFloat);
     at::Tensor out = at::empty({b}, f32);          // shape: (B,)
@@ -114,16 +117,19 @@ struct CRFLogLikelihood : public torch::autograd::Function<CRFLogLikelihood> {
                                                    static_cast<int64_t>(start.scalar_type()),
                                                    static_cast<int64_t>(end.scalar_type()),
                                                    static_cast<int64_t>(transitions.scalar_type()),
-                                                   tags.has_value(), stb, stn};
+                                                   tags.has_value(), stb, stn, reduction};
     ctx->saved_data["launch"] = hold(launch);
-    return out;
+    if (reduction == 0) return out;
+    return reduction == 1 ? out.sum() : out.mean();  // shape: ()
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &mask_u8 = saved[1], &alpha = saved[4], &grad = grad_outputs[0];  // grad: (B,), any stride
+    const at::Tensor &mask_u8 = saved[1], &alpha = saved[4];
     const auto meta = ctx->saved_data.at("meta").toIntVector();
     const int64_t b = alpha.size(0), n = alpha.size(1), t = alpha.size(2);
+    at::Tensor grad = grad_outputs[0];  // shape: (B,) any stride, or () after a reduction
+    if (meta[7] == 2 && b > 0) grad = grad / b;  // the mean's grad, as MeanBackward computes it
     const auto dtype = [&](int i) { return static_cast<at::ScalarType>(meta[i]); };
     at::Tensor g_em = at::empty({b, n, t}, alpha.options().dtype(dtype(0)));  // shape: (B, n, T)
     at::Tensor g_par = at::empty({b, 2 * t + t * t}, alpha.options());        // shape: (B, 2T + T*T) fp32
@@ -131,10 +137,10 @@ struct CRFLogLikelihood : public torch::autograd::Function<CRFLogLikelihood> {
       py::gil_scoped_acquire gil;
       const py::tuple launch = py::reinterpret_borrow<py::tuple>(held(ctx, "launch"));
       run_triton(launch[2], launch[3],
-                 py::make_tuple(grad, saved[0], mask_u8, saved[2], saved[3], alpha, g_em, g_par, n, t, grad.stride(0),
-                                meta[5], meta[6], mask_u8.stride(0), mask_u8.stride(1)));
+                 py::make_tuple(grad, saved[0], mask_u8, saved[2], saved[3], alpha, g_em, g_par, n, t,
+                                meta[7] ? 0 : grad.stride(0), meta[5], meta[6], mask_u8.stride(0), mask_u8.stride(1)));
     }
-    variable_list grads(7);  // one per forward argument; none for tags, mask and the launch spec
+    variable_list grads(8);  // one per forward argument; none for tags, mask, the launch spec and the reduction
     grads[0] = g_em;
     const size_t first_param = meta[4] ? 3 : 2;  // needs_input_grad counts tensor inputs only
     if (ctx->needs_input_grad(first_param) || ctx->needs_input_grad(first_param + 1) ||
@@ -165,8 +171,9 @@ void register_triton_autograd(py::module_& m) {
   m.def(
       "crf_autograd",
       [](const at::Tensor& emissions, const std::optional<at::Tensor>& tags, const at::Tensor& mask,
-         const at::Tensor& start, const at::Tensor& end, const at::Tensor& transitions, const py::tuple& launch) {
-        return CRFLogLikelihood::apply(emissions, tags, mask, start, end, transitions, launch);
+         const at::Tensor& start, const at::Tensor& end, const at::Tensor& transitions, const py::tuple& launch,
+         int64_t reduction) {
+        return CRFLogLikelihood::apply(emissions, tags, mask, start, end, transitions, launch, reduction);
       },
       "CRF log-likelihood through a C++ autograd node launching the Triton kernels (see csrc/triton_autograd.cpp).");
 }

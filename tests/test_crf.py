@@ -351,6 +351,27 @@ def test_validate_means_the_same_on_both_backends(backend_name):
     torch.testing.assert_close(good, ref.crf_log_likelihood(em, tags, mask, *params), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend_name", ["triton", "native", "reference"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reduction_is_the_per_sequence_values_reduced(backend_name, reduction):
+    """``reduction`` gives the (B,) values' sum or mean, with the same gradients, on every backend (the Triton path
+    reduces inside its autograd node); an unknown reduction is an error before anything runs."""
+    if backend_name == "native" and backend.native_unavailable_reason() is not None:
+        pytest.skip(backend.native_unavailable_reason())
+    em, tags, mask, params = _inputs(4, 6, 5, seed=17, lengths=[6, 4, 1, 3])
+    kw = dict(backend=backend_name, validate=False)
+    for op, args in ((ops.crf_log_likelihood, (tags, mask)), (ops.crf_log_partition, (mask,))):
+        leaves, leaves_none = _req(em, *params), _req(em, *params)
+        reduced = op(leaves[0], *args, *leaves[1:], reduction=reduction, **kw)
+        per_seq = op(leaves_none[0], *args, *leaves_none[1:], **kw)
+        expected = per_seq.sum() if reduction == "sum" else per_seq.mean()
+        assert reduced.shape == () and torch.equal(reduced, expected)
+        for a, b in zip(_grads(reduced, leaves), _grads(expected, leaves_none)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="invalid reduction: 'avg'"):
+        ops.crf_log_likelihood(em, tags, mask, *params, reduction="avg", **kw)
+
+
 def test_uint8_mask_and_no_tags_needed_for_partition():
     em, tags, mask, params = _inputs(3, 5, 4, seed=6)
     a = ops.crf_log_partition(em, mask.to(torch.uint8), *params, backend="triton")
@@ -361,11 +382,12 @@ def test_uint8_mask_and_no_tags_needed_for_partition():
 # ---------------------------------------------------------------------------------------------- torch.compile
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_torch_compile_fullgraph_matches_eager(reduction):
     em, tags, mask, params = _inputs(3, 5, 4, seed=8)
 
     def loss(em, start, end, trans):
-        llh = ops.crf_log_likelihood(em, tags, mask, start, end, trans, backend="triton")
+        llh = ops.crf_log_likelihood(em, tags, mask, start, end, trans, backend="triton", reduction=reduction)
         paths, _ = ops.crf_viterbi(em, mask, start, end, trans, backend="triton")
         return llh, paths
 

@@ -130,7 +130,7 @@ def test_bad_inputs_raise_clear_errors(case, msg):
         crf(em, tags, mask, **kwargs)
 
 
-@pytest.mark.parametrize("reduction", ["none", "token_mean"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "token_mean"])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_triton_backend_matches_pytorch_crf(batch_first, reduction):
     ours, ref = _pair(6, batch_first, seed=21, dtype=torch.float32)

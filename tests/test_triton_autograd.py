@@ -82,6 +82,33 @@ def test_crf_node_matches_the_python_function(with_tags, param_grads, dtype, mon
     assert ours[1][0].dtype == dtype
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("with_tags", [True, False])
+@pytest.mark.parametrize("b", [5, 0])
+def test_crf_node_reduces_like_python(reduction, with_tags, b, monkeypatch):
+    """``reduction="sum"/"mean"``: the node returns the scalar itself (no reduction node in the graph) and gives
+    what the Python path gives reducing its (B,) afterwards, bit for bit (empty batch: mean NaN, grads empty / 0)."""
+    em, tags, mask, params = crf_inputs(5, 9, 6, seed=12 + b, device=DEVICE)
+    em, tags, mask = em[:b], tags[:b].clamp_min(0), mask[:b]
+    scale = torch.tensor(-1.7, device=DEVICE)  # the scalar's incoming grad
+
+    def run():
+        leaves = [x.detach().clone().requires_grad_(True) for x in (em, *params)]
+        gold = (tags,) if with_tags else ()
+        op = crf_ops.crf_log_likelihood if with_tags else crf_ops.crf_log_partition
+        out = op(leaves[0], *gold, mask, *leaves[1:], backend="triton", validate=False, reduction=reduction)
+        return out, torch.autograd.grad(out, leaves, scale), out.grad_fn.name()
+
+    ours = run()
+    assert "CRFLogLikelihood" in ours[2] and ours[0].shape == ()
+    _python_fallback(monkeypatch)
+    theirs = run()
+    assert theirs[2] == ("SumBackward0" if reduction == "sum" else "MeanBackward0")
+    assert torch.equal(ours[0], theirs[0]) or (b == 0 and ours[0].isnan() and theirs[0].isnan())
+    for a, t in zip(ours[1], theirs[1]):
+        assert a.dtype == t.dtype and a.shape == t.shape and torch.equal(a, t)
+
+
 def _crf_run(em, tags, mask, params, w):
     """crf_log_likelihood (Triton) and the gradients of ``(out * w).sum()`` w.r.t. fresh leaves of em and params."""
     leaves = [x.detach().clone().requires_grad_(True) for x in (em, *params)]
@@ -150,7 +177,7 @@ def test_crf_node_releases_its_launch_spec():
     backward = Backward()
     watched = weakref.ref(backward)
     spec = (forward, fwd_options, backward, bwd_options)
-    out = native.extension().crf_autograd(leaves[0], tags.clamp_min(0), mask, *leaves[1:], spec)
+    out = native.extension().crf_autograd(leaves[0], tags.clamp_min(0), mask, *leaves[1:], spec, 0)
     del spec, backward
     gc.collect()
     assert watched() is not None  # the graph holds it

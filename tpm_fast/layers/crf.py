@@ -122,14 +122,11 @@ class CRF(nn.Module):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"invalid reduction: {reduction!r}, expected one of {_REDUCTIONS}")
         emissions, tags, mask = self._inputs(emissions, tags, mask, validate)
+        reduce = "sum" if reduction == "token_mean" else reduction  # none, sum and mean: by the op (fewer nodes)
         llh = ops.crf_log_likelihood(
-            emissions, tags, mask, *self._params(), backend=self.backend, validate=validate
-        )  # shape: (B,)
-        if reduction == "none":
-            return llh
-        if reduction == "sum":
-            return llh.sum()
-        return llh.mean() if reduction == "mean" else llh.sum() / mask.sum()
+            emissions, tags, mask, *self._params(), backend=self.backend, validate=validate, reduction=reduce
+        )  # shape: (B,) for "none", else ()
+        return llh / mask.sum() if reduction == "token_mean" else llh
 
     @torch.no_grad()
     def decode(self, emissions: Tensor, mask: Tensor | None = None, as_tensor: bool = False, *, validate: bool = True):

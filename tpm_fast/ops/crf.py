@@ -99,16 +99,30 @@ class CRFLogLikelihoodFunc(torch.autograd.Function):
         return (g_em, None, None, *_param_grads(g_par.sum(0), alpha.shape[2], d_par))
 
 
+_REDUCE = {"none": 0, "sum": 1, "mean": 2}
+
+
+def _reduce(out: Tensor, reduction: str) -> Tensor:
+    return out if reduction == "none" else out.sum() if reduction == "sum" else out.mean()
+
+
 def _eager(
-    emissions: Tensor, tags: Tensor | None, mask: Tensor, start: Tensor, end: Tensor, transitions: Tensor
+    emissions: Tensor,
+    tags: Tensor | None,
+    mask: Tensor,
+    start: Tensor,
+    end: Tensor,
+    transitions: Tensor,
+    reduction: str,
 ) -> Tensor:
-    """The eager autograd path: the C++ node of ``tpm_fast._C`` (csrc/triton_autograd.cpp) when built, else
-    `CRFLogLikelihoodFunc`; both launch the same kernels with the same arithmetic."""
+    """The eager autograd path: the C++ node of ``tpm_fast._C`` (csrc/triton_autograd.cpp) when built, which also
+    reduces over the batch (no reduction node of its own in the graph), else `CRFLogLikelihoodFunc`; both launch the
+    same kernels with the same arithmetic."""
     native = _native.extension()
     if native is None:
-        return CRFLogLikelihoodFunc.apply(emissions, tags, mask.bool(), start, end, transitions)
+        return _reduce(CRFLogLikelihoodFunc.apply(emissions, tags, mask.bool(), start, end, transitions), reduction)
     launch = _kernels().launch_spec(emissions.shape[2], tags is not None, emissions.shape[0])
-    return native.crf_autograd(emissions, tags, mask, start, end, transitions, launch)
+    return native.crf_autograd(emissions, tags, mask, start, end, transitions, launch, _REDUCE[reduction])
 
 
 # ---------------------------------------------------------------------------------------------- torch.compile tier
@@ -227,8 +241,9 @@ def crf_log_likelihood(
     *,
     backend: str = "auto",
     validate: bool = True,
+    reduction: str = "none",
 ) -> Tensor:
-    """Log-likelihood log p(tags | emissions) per sequence (pytorch-crf ``reduction="none"``).
+    """Log-likelihood log p(tags | emissions) per sequence, or its sum or mean over the batch.
 
     Args:
         emissions: (B, n, T) float emission scores (fp16 / bf16 / fp32 on the Triton path; fp64 -> reference).
@@ -237,15 +252,17 @@ def crf_log_likelihood(
         start, end: (T,) float; transitions: (T, T) float with ``[i, j]`` = score of tag i -> tag j.
         backend: "auto" | "triton" | "native" | "reference" (see the module docstring).
         validate: check shapes, dtypes, mask and tag contents (one host sync) first; False checks nothing.
+        reduction: ``"none"`` (pytorch-crf's name for per-sequence values), ``"sum"`` or ``"mean"`` over the batch
+            (on the eager Triton path reduced inside its autograd node: one graph node fewer).
 
     Returns:
-        (B,) fp32 (fp64 on the reference path with fp64 inputs) gold path score minus log Z, differentiable w.r.t.
-        emissions, start, end and transitions (grads in each input's dtype).
+        (B,) fp32 (fp64 on the reference path with fp64 inputs) gold path score minus log Z, or its () sum or mean,
+        differentiable w.r.t. emissions, start, end and transitions (grads in each input's dtype).
 
     Raises:
-        ValueError: bad inputs (``validate``), unknown backend, or ``"triton"`` where it cannot run.
+        ValueError: bad inputs (``validate``), unknown backend or reduction, or ``"triton"`` where it cannot run.
     """
-    return _forward(emissions, tags, mask, start, end, transitions, backend, validate)
+    return _forward(emissions, tags, mask, start, end, transitions, backend, validate, reduction)
 
 
 def crf_log_partition(
@@ -257,32 +274,38 @@ def crf_log_partition(
     *,
     backend: str = "auto",
     validate: bool = True,
+    reduction: str = "none",
 ) -> Tensor:
-    """Log partition function log Z per sequence (same kernels, gold score skipped).
+    """Log partition function log Z per sequence, or its sum or mean (same kernels, gold score skipped).
 
     Args: as `crf_log_likelihood` without ``tags``.
 
     Returns:
-        (B,) fp32 (fp64 on the reference path with fp64 inputs) log Z, differentiable w.r.t. emissions, start, end
-        and transitions.
+        (B,) fp32 (fp64 on the reference path with fp64 inputs) log Z, or its () sum or mean, differentiable w.r.t.
+        emissions, start, end and transitions.
     """
-    return _forward(emissions, None, mask, start, end, transitions, backend, validate)
+    return _forward(emissions, None, mask, start, end, transitions, backend, validate, reduction)
 
 
-def _forward(emissions, tags, mask, start, end, transitions, backend: str, validate: bool) -> Tensor:
+def _forward(emissions, tags, mask, start, end, transitions, backend: str, validate: bool, reduction: str) -> Tensor:
     """`crf_log_likelihood` (``tags`` given) or `crf_log_partition` (``tags=None``): validate, resolve, dispatch."""
+    if reduction not in _REDUCE:
+        raise ValueError(f"invalid reduction: {reduction!r}, expected one of {tuple(_REDUCE)}")
     if validate:
         mask = _validate(emissions, mask, start, end, transitions, tags)
     chosen = _resolve(backend, emissions, start, end, transitions)
     if chosen == "reference":
         if tags is None:
-            return _ref.crf_log_partition(emissions, mask, start, end, transitions, validate=False)
-        return _ref.crf_log_likelihood(emissions, tags, mask, start, end, transitions, validate=False)
-    if chosen == "native":  # C++ CPU kernels; autograd and fakes registered in tpm_fast.ops.native
-        return _native.load().crf_forward(emissions, tags, mask.bool(), start, end, transitions)[0]
-    if torch.compiler.is_compiling():
-        return _crf_forward(emissions, tags, mask, start, end, transitions)[0]
-    return _eager(emissions, tags, mask, start, end, transitions)
+            out = _ref.crf_log_partition(emissions, mask, start, end, transitions, validate=False)
+        else:
+            out = _ref.crf_log_likelihood(emissions, tags, mask, start, end, transitions, validate=False)
+    elif chosen == "native":  # C++ CPU kernels; autograd and fakes registered in tpm_fast.ops.native
+        out = _native.load().crf_forward(emissions, tags, mask.bool(), start, end, transitions)[0]
+    elif torch.compiler.is_compiling():
+        out = _crf_forward(emissions, tags, mask, start, end, transitions)[0]
+    else:
+        return _eager(emissions, tags, mask, start, end, transitions, reduction)
+    return _reduce(out, reduction)
 
 
 def crf_viterbi(
