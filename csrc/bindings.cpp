@@ -108,6 +108,17 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi(const at::Tensor& emissions, cons
   return crf_viterbi_cpu(emissions, mask, start, end, transitions);
 }
 
+at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& seed) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "dropout (native CPU): fp32, bf16 or fp16 input, got ", x.scalar_type());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout: p must be in [0, 1), got ", p);
+  check_cpu(seed, "seed");
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "dropout needs a (1,) int64 seed tensor, got ",
+              seed.scalar_type(), " ", seed.sizes());
+  return dropout_cpu(x, p, seed);
+}
+
 }  // namespace
 
 void register_triton_autograd(py::module_& m);  // csrc/triton_autograd.cpp
@@ -126,6 +137,7 @@ TORCH_LIBRARY(tpm_fast_native, m) {
         "ScalarType grad_dtype) -> (Tensor, Tensor)");
   m.def("crf_viterbi(Tensor emissions, Tensor mask, Tensor start, Tensor end, Tensor transitions) -> "
         "(Tensor, Tensor)");
+  m.def("dropout(Tensor x, float p, Tensor seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tpm_fast_native, CPU, m) {
@@ -134,6 +146,7 @@ TORCH_LIBRARY_IMPL(tpm_fast_native, CPU, m) {
   m.impl("crf_forward", &tpm_fast::crf_forward);
   m.impl("crf_backward", &tpm_fast::crf_backward);
   m.impl("crf_viterbi", &tpm_fast::crf_viterbi);
+  m.impl("dropout", &tpm_fast::dropout);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -37,6 +37,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -72,6 +73,17 @@ struct Problem {
   uint32_t seed_lo, seed_hi;  // the Philox key
   const int32_t* vis;        // visible token indices of every batch row, concatenated
   const int64_t* vis_off;    // shape: (B + 1,) row b's visible tokens are vis[vis_off[b] : vis_off[b + 1]]
+};
+
+// The standalone dropout op (dropout_cpu below) over contiguous x and y of n elements, fp32 / bf16 / fp16: the
+// Philox generator of the attention's dropout, four words a counter (drop_range in prefix_attention_cpu_isa.h).
+struct DropArgs {
+  at::ScalarType dtype;
+  const void* x;
+  void* y;
+  int64_t n;
+  float p, kept;
+  uint32_t seed_lo, seed_hi;
 };
 
 struct FwdArgs {
@@ -147,7 +159,7 @@ constexpr int kNV = 2;
 namespace tpm_fast::pa_cpu {
 
 struct Kernels {
-  RangeFn fwd, bwd;
+  RangeFn fwd, bwd, drop;
   const char* isa;
 };
 
@@ -157,13 +169,13 @@ static Kernels pick_kernels() {
   __builtin_cpu_init();
   if (cap == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
-    return {isa_avx512::fwd_range, isa_avx512::bwd_range, "avx512"};
+    return {isa_avx512::fwd_range, isa_avx512::bwd_range, isa_avx512::drop_range, "avx512"};
   }
   if ((cap == "AVX512" || cap == "AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return {isa_avx2::fwd_range, isa_avx2::bwd_range, "avx2"};
+    return {isa_avx2::fwd_range, isa_avx2::bwd_range, isa_avx2::drop_range, "avx2"};
   }
 #endif
-  return {isa_base::fwd_range, isa_base::bwd_range, "base"};
+  return {isa_base::fwd_range, isa_base::bwd_range, isa_base::drop_range, "base"};
 }
 
 static const Kernels& kernels() {
@@ -323,6 +335,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   const RangeFn fn = kernels().bwd;
   at::parallel_for(0, pb.p.B * pb.p.H, 1, [&](int64_t begin, int64_t end) { fn(&args, begin, end); });
   return {dq, dk, dv, dk_p, dv_p};
+}
+
+at::Tensor dropout_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
+  using namespace pa_cpu;
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);  // contiguous, x's shape
+  if (xc.numel() == 0) return y;
+  const uint64_t s = static_cast<uint64_t>(*seed.data_ptr<int64_t>());  // a read, no aten op
+  const float drop_p = static_cast<float>(p);
+  const DropArgs args{xc.scalar_type(), xc.data_ptr(), y.data_ptr(), xc.numel(), drop_p, 1.0f / (1.0f - drop_p),
+                      static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32)};
+  const RangeFn fn = kernels().drop;
+  const int64_t blocks = (xc.numel() + 63) / 64;  // of 64 elements
+  at::parallel_for(0, blocks, 512, [&](int64_t begin, int64_t end) { fn(&args, begin, end); });
+  return y;
 }
 
 }  // namespace tpm_fast

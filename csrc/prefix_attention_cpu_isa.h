@@ -283,3 +283,45 @@ void bwd_range(const void* args, int64_t begin, int64_t end) {
   const BwdArgs& a = *static_cast<const BwdArgs*>(args);
   for_dtype(a.dtype, [&](auto tag) { bwd_range_t<decltype(tag)>(a, begin, end); });
 }
+
+// ------------------------------------------------------------------------------------------------ dropout op
+
+// y[i] = x[i] * (u_i >= p ? kept : 0) for the flat indices i of the 64-element blocks [begin, end) (the last block
+// cut at a.n). u_i is word w of Philox counter 16 * blk + l (tl.rand4x(seed, 16 * blk + l) of Triton), where
+// i = 64 * blk + 16 * w + l, l < 16: all four words of each counter are used, and the layout does not depend on the
+// vector width, so every instruction set (and the chunking of at::parallel_for) gives the same mask.
+template <typename T>
+static void drop_range_t(const DropArgs& a, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
+  const vu lanes = bit_cast_vec<vu>(lane_index());
+  const vf kept = splat(a.kept), zero = splat(0.0f);
+  for (int64_t blk = begin; blk < end; ++blk) {
+    const int64_t first = blk * 64, count = std::min<int64_t>(64, a.n - first);
+    for (int64_t part = 0; part < 16; part += kW) {  // lanes l = part .. part + kW - 1 of the block's 16 counters
+      const uint64_t counter = static_cast<uint64_t>(blk) * 16 + part;
+      const vu lo = static_cast<uint32_t>(counter) + lanes;
+      const vu hi = static_cast<uint32_t>(counter >> 32) - bit_cast_vec<vu>(lo < lanes);  // + carry
+      vu words[4];
+      philox4(a.seed_lo, a.seed_hi, lo, hi, words);
+      for (int w = 0; w < 4; ++w) {
+        const vf f = to_uniform(words[w]) >= a.p ? kept : zero;
+        const int64_t at = 16 * w + part, c = std::min<int64_t>(kW, count - at);  // elements first + at + [0, c)
+        if constexpr (std::is_same_v<T, float>) {
+          if (c == kW) {
+            store(y + first + at, load(x + first + at) * f);
+            continue;
+          }
+        }
+        const T* xs = x + first + at;
+        T* ys = y + first + at;
+        for (int64_t l = 0; l < c; ++l) ys[l] = static_cast<T>(static_cast<float>(xs[l]) * f[l]);
+      }
+    }
+  }
+}
+
+void drop_range(const void* args, int64_t begin, int64_t end) {
+  const DropArgs& a = *static_cast<const DropArgs*>(args);
+  for_dtype(a.dtype, [&](auto tag) { drop_range_t<decltype(tag)>(a, begin, end); });
+}

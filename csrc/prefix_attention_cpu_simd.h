@@ -283,10 +283,8 @@ static inline void mul_wide(vu x, uint32_t k, vu& lo, vu& hi) {
   hi = bit_cast_vec<vu>((even >> 32) | (odd & 0xFFFFFFFF00000000ull));
 }
 
-// tl.rand(seed, offset) of triton.language.random per lane, offset = (hi << 32) | lo: the first word of Philox
-// 4x32-10 on counter (lo, hi, 0, 0) with key (seed lo, seed hi), then uint_to_uniform_float: the word as int32,
-// x < 0 -> -x - 1 (= ~x), times 4.6566127342e-10 in fp32 (so in [0, 1)).
-static inline vf philox_uniform(uint32_t k0, uint32_t k1, vu c0, vu c1) {
+// Philox 4x32-10 of triton.language.random per lane: the four words of counter (c0, c1, 0, 0) under key (k0, k1).
+static inline void philox4(uint32_t k0, uint32_t k1, vu c0, vu c1, vu words[4]) {
   vu c2 = vu{}, c3 = vu{};
 #pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
@@ -300,8 +298,24 @@ static inline vf philox_uniform(uint32_t k0, uint32_t k1, vu c0, vu c1) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  const vi x = bit_cast_vec<vi>(c0);
+  words[0] = c0;
+  words[1] = c1;
+  words[2] = c2;
+  words[3] = c3;
+}
+
+// uint_to_uniform_float of triton.language.random: the word as int32, x < 0 -> -x - 1 (= ~x), times 4.6566127342e-10
+// in fp32 (so in [0, 1)).
+static inline vf to_uniform(vu word) {
+  const vi x = bit_cast_vec<vi>(word);
   return __builtin_convertvector(x < 0 ? ~x : x, vf) * 4.6566127342e-10f;
+}
+
+// tl.rand(seed, offset) per lane, offset = (hi << 32) | lo: the first word of Philox on counter (lo, hi, 0, 0).
+static inline vf philox_uniform(uint32_t k0, uint32_t k1, vu c0, vu c1) {
+  vu words[4];
+  philox4(k0, k1, c0, c1, words);
+  return to_uniform(words[0]);
 }
 
 // Dropout factors of one query row over its c joined columns (z and col padded to a multiple of kW):

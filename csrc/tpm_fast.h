@@ -51,6 +51,12 @@ inline void check_crf(const at::Tensor& emissions, const at::Tensor& mask, const
 
 // ------------------------------------------------------------------------------------------------ CPU kernels
 
+// Dropout of x (any shape and strides; fp32 / bf16 / fp16) with a Philox seed (1,) int64: a contiguous y with
+// y[i] = x[i] / (1 - p) where u_i >= p, else 0, over x's flat (row-major) index i = 64 * blk + 16 * w + l (l < 16),
+// u_i = word w of tl.rand4x(seed, 16 * blk + l). Applied to the incoming gradient with the same seed it is its own
+// backward.
+at::Tensor dropout_cpu(const at::Tensor& x, double p, const at::Tensor& seed);
+
 // Prefix-K/V attention. q (B, H, n, d), k / v (B, H, n_k, d), k_p / v_p (B, H, m, d), one dtype (fp32 / bf16),
 // any strides; key_padding_mask (B, n_k) bool; lengths (B,) int32 / int64; seed (1,) int64 (dropout_p > 0).
 // Returns out (like q) and lse (B, H, n) fp32 in log2 units (+inf for rows without a visible key).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 from transformers import BertConfig, BertModel
 
@@ -143,3 +144,23 @@ def native_cuda_crf_unavailable() -> str | None:
     from tpm_fast.ops.backend import native_unsupported
 
     return native_unsupported("crf", torch.device("cuda"), torch.float32)
+
+
+def philox_uniform(seed: int, counters: np.ndarray) -> list[np.ndarray]:
+    """triton.language.rand4x(seed, counters) in numpy: the four words of Philox 4x32-10 on counter (lo, hi, 0, 0)
+    under key (seed lo, seed hi), each through uint_to_uniform_float (fp32 in [0, 1)); word 0 is tl.rand."""
+    low = np.uint64(0xFFFFFFFF)
+    counters = counters.astype(np.uint64)
+    c0, c1 = counters & low, counters >> np.uint64(32)
+    c2 = c3 = np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    for _ in range(10):
+        a, b = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2  # 32 x 32 bits: exact in uint64
+        c0, c2, c1, c3 = (b >> np.uint64(32)) ^ c1 ^ k0, (a >> np.uint64(32)) ^ c3 ^ k1, b & low, a & low
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & low, (k1 + np.uint64(0xBB67AE85)) & low
+    words = []
+    for word in (c0, c1, c2, c3):
+        x = word.astype(np.uint32).view(np.int32)
+        x = np.where(x < 0, ~x, x)  # -x - 1 without overflow
+        words.append(x.astype(np.float32) * np.float32(4.6566127342e-10))
+    return words

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.oracles import ATTENTION_CASES, attention_inputs, max_abs, max_err
+from tests.oracles import ATTENTION_CASES, attention_inputs, max_abs, max_err, philox_uniform
 from tpm_fast.ops.prefix_attention import key_bounds
 from tpm_fast.reference.prefix_attention import prefix_attention as reference
 
@@ -225,27 +225,10 @@ def test_bad_inputs_raise():
 # --------------------------------------------------------------------------------------------------- dropout
 
 
-def _philox_rand(seed: int, offsets: np.ndarray) -> np.ndarray:
-    """triton.language.rand(seed, offsets) for int64 offsets, in numpy: Philox 4x32-10 on counter (offset lo,
-    offset hi, 0, 0) and key (seed lo, seed hi), first word, then uint_to_uniform_float (fp32 in [0, 1))."""
-    low = np.uint64(0xFFFFFFFF)
-    offsets = offsets.astype(np.uint64)
-    c0, c1 = offsets & low, offsets >> np.uint64(32)
-    c2 = c3 = np.zeros_like(c0)
-    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
-    for _ in range(10):
-        a, b = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2  # 32 x 32 bits: exact in uint64
-        c0, c2, c1, c3 = (b >> np.uint64(32)) ^ c1 ^ k0, (a >> np.uint64(32)) ^ c3 ^ k1, b & low, a & low
-        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & low, (k1 + np.uint64(0xBB67AE85)) & low
-    x = c0.astype(np.uint32).view(np.int32)
-    x = np.where(x < 0, ~x, x)  # -x - 1 without overflow
-    return x.astype(np.float32) * np.float32(4.6566127342e-10)
-
-
 def _keep_mask(b, h, n, m, n_k, p, seed):
     """(B, H, n, m + n_k) bool: tl.rand(seed, ((b * H + h) * n + i) * (m + n_k) + j) >= p, prefix columns first."""
     offsets = np.arange(b * h * n * (m + n_k), dtype=np.int64).reshape(b, h, n, m + n_k)
-    return torch.from_numpy(_philox_rand(seed, offsets) >= np.float32(p))
+    return torch.from_numpy(philox_uniform(seed, offsets)[0] >= np.float32(p))
 
 
 def _triton_keep_mask(b, h, n, m, n_k, p, seed):

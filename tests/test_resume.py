@@ -21,7 +21,9 @@ from tpm_fast.data.synthetic import ensure_synthetic_corpus
 ROOT = Path(__file__).resolve().parents[1]
 # 12 steps an epoch, checkpoints every 5 steps and at epoch ends (steps 5, 10, 12, 15, 20, 24)
 RUN = "--epochs 2 --batch-size 4 --limit 48 --save-every 5 --lr 3e-3 --head-lr 3e-3 --eval-batch-size 16"
-RUN = [*RUN.split(), "--max-seq-length", "20", "--no-progress"]
+# seed 2: a seed whose 24-step run finds entities (test F1 > 0: the metrics compared are not all 0; many seeds' runs
+# this short find none)
+RUN = [*RUN.split(), "--max-seq-length", "20", "--no-progress", "--seed", "2"]
 TIMING = ("train_seconds", "train_posts_per_s")
 # train.py with a model whose loss is NaN ("loss") or finite with NaN gradients ("grad") at the training steps of
 # BAD_STEPS ("3:loss,7:grad", counted from 1)

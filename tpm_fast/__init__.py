@@ -4,15 +4,26 @@ Importing has no side effects (no CUDA calls, no downloads, no files written, no
 transformers until :func:`apply_to_bert` or :func:`register_hf_attention` is called).
 """
 
-from tpm_fast.layers import CRF, ImagePrefix, apply_to_bert, pack_index, prompted_bert, register_hf_attention
+from tpm_fast.layers import (
+    CRF,
+    Dropout,
+    ImagePrefix,
+    apply_to_bert,
+    pack_index,
+    prompted_bert,
+    register_hf_attention,
+    use_fast_dropout,
+)
 from tpm_fast.model import TPMMI, TPMConfig, build_model, load_model, save_model
 from tpm_fast.ops.crf import crf_log_likelihood, crf_viterbi
+from tpm_fast.ops.dropout import dropout
 from tpm_fast.ops.prefix_attention import key_bounds, prefix_attention
 from tpm_fast.plain_engine import PlainEngine
 
 __version__ = "0.3.0"
 __all__ = [
     "CRF",
+    "Dropout",
     "ImagePrefix",
     "PlainEngine",
     "TPMConfig",
@@ -21,6 +32,7 @@ __all__ = [
     "build_model",
     "crf_log_likelihood",
     "crf_viterbi",
+    "dropout",
     "key_bounds",
     "load_model",
     "pack_index",
@@ -28,4 +40,5 @@ __all__ = [
     "prompted_bert",
     "register_hf_attention",
     "save_model",
+    "use_fast_dropout",
 ]

@@ -14,6 +14,7 @@ from tpm_fast.data.dataset import IMAGE_MODES
 from tpm_fast.data.images import MAX_IMAGES
 from tpm_fast.data.labels import LABELS
 from tpm_fast.layers.crf import CRF
+from tpm_fast.layers.dropout import use_fast_dropout
 from tpm_fast.layers.image_prefix import IMAGE_FEATURES, IMAGE_PADDINGS, ImagePrefix
 from tpm_fast.layers.prompted_bert import prompted_bert
 from tpm_fast.ops.backend import check_backend
@@ -80,9 +81,9 @@ class TPMMI(nn.Module):
     (:func:`tpm_fast.layers.prompted_bert.pack_index` of the mask: BERT then skips the padding on CUDA too; on CPU
     it always does).
 
-    ``backend`` picks the attention and CRF kernels: ``"auto"`` (Triton on CUDA, the native C++ kernels on CPU, else
-    the PyTorch reference), ``"triton"``, ``"native"`` or ``"reference"``; a run-time choice, not part of the saved
-    config.
+    ``backend`` picks the attention, CRF and dropout kernels: ``"auto"`` (Triton on CUDA, the native C++ kernels on
+    CPU, else the PyTorch reference; dropout: native on CPU, else ``F.dropout``), ``"triton"``, ``"native"`` or
+    ``"reference"``; a run-time choice, not part of the saved config.
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class TPMMI(nn.Module):
         self.dropout = nn.Dropout(config.emission_dropout)
         self.emissions = nn.Linear(self.bert.config.hidden_size, len(config.labels))
         self.crf = CRF(len(config.labels), batch_first=True, backend=backend)
+        use_fast_dropout(self, backend)  # BERT's, ViT's, the prefix encoder's and the emissions' nn.Dropout
 
     @property
     def backend(self) -> str:
@@ -123,6 +125,7 @@ class TPMMI(nn.Module):
     @backend.setter
     def backend(self, value: str) -> None:
         self.crf.backend = check_backend(value)
+        use_fast_dropout(self, value)
 
     @property
     def max_pieces(self) -> int:

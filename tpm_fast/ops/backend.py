@@ -53,6 +53,7 @@ AUTO_DEVICE_TYPES = ("cuda",)
 NATIVE_DTYPES = {
     "prefix_attention": (torch.float32, torch.bfloat16),
     "crf": (torch.float32, torch.float16, torch.bfloat16),
+    "dropout": (torch.float32, torch.float16, torch.bfloat16),
 }
 """Input dtypes the native CPU kernels take, per op."""
 AUTO_CUDA_NATIVE: tuple[str, ...] = ()

@@ -76,6 +76,19 @@ def _register() -> None:
         b, n = emissions.shape[:2]
         return emissions.new_empty((b, n), dtype=torch.long), emissions.new_empty(b, dtype=torch.long)
 
+    @torch.library.register_fake(lib + "dropout")
+    def _(x, p, seed):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def dropout_setup(ctx, inputs, output):
+        ctx.p = inputs[1]
+        ctx.save_for_backward(inputs[2])
+
+    def dropout_backward(ctx, grad):  # the same mask and scale, regenerated from the seed
+        return torch.ops.tpm_fast_native.dropout(grad, ctx.p, ctx.saved_tensors[0]), None, None
+
+    torch.library.register_autograd(lib + "dropout", dropout_backward, setup_context=dropout_setup)
+
     from tpm_fast.ops import crf, prefix_attention  # the ops' own formulas, over the native backward ops
 
     ops = torch.ops.tpm_fast_native
