@@ -20,7 +20,7 @@ class Dropout(nn.Dropout):
         super().__init__(p, inplace)
         self.backend = check_backend(backend)
 
-    def forward(self, x: Tensor) -> Tensor:  # shape: any, returned as is
+    def forward(self, x: Tensor) -> Tensor:  # shape: any; the same shape out
         if self.inplace:
             return super().forward(x)
         return dropout(x, self.p, self.training, backend=self.backend)
