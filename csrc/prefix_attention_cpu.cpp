@@ -37,7 +37,6 @@
 #include <limits>
 #include <optional>
 #include <string>
-#include <type_traits>
 #include <tuple>
 #include <type_traits>
 #include <vector>

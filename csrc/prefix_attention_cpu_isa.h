@@ -299,10 +299,8 @@ static void drop_range_t(const DropArgs& a, int64_t begin, int64_t end) {
   for (int64_t blk = begin; blk < end; ++blk) {
     const int64_t first = blk * 64, count = std::min<int64_t>(64, a.n - first);
     for (int64_t part = 0; part < 16; part += kW) {  // lanes l = part .. part + kW - 1 of the block's 16 counters
-      const uint64_t counter = static_cast<uint64_t>(blk) * 16 + part;
-      const vu lo = static_cast<uint32_t>(counter) + lanes;
-      const vu hi = static_cast<uint32_t>(counter >> 32) - bit_cast_vec<vu>(lo < lanes);  // + carry
-      vu words[4];
+      vu lo, hi, words[4];
+      counters(static_cast<uint64_t>(blk) * 16 + part, lanes, lo, hi);
       philox4(a.seed_lo, a.seed_hi, lo, hi, words);
       for (int w = 0; w < 4; ++w) {
         const vf f = to_uniform(words[w]) >= a.p ? kept : zero;

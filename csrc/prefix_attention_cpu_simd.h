@@ -318,16 +318,21 @@ static inline vf philox_uniform(uint32_t k0, uint32_t k1, vu c0, vu c1) {
   return to_uniform(words[0]);
 }
 
+// Philox counters base + offs per lane as (lo, hi) 32-bit words, the carry of the low word added to the high one.
+static inline void counters(uint64_t base, vu offs, vu& lo, vu& hi) {
+  lo = static_cast<uint32_t>(base) + offs;
+  hi = static_cast<uint32_t>(base >> 32) - bit_cast_vec<vu>(lo < offs);  // a true comparison lane is -1
+}
+
 // Dropout factors of one query row over its c joined columns (z and col padded to a multiple of kW):
 // z[j] = keep ? kept : 0 with keep = tl.rand(seed, row_offset + col[j]) >= p, col[j] the joined column index.
 static inline void dropout_factors(const Problem& P, uint64_t row_offset, const uint32_t* col, int64_t c, float kept,
                                    float* z) {
-  const uint32_t base_lo = static_cast<uint32_t>(row_offset), base_hi = static_cast<uint32_t>(row_offset >> 32);
   for (int64_t j = 0; j < c; j += kW) {
     vu cols;
     std::memcpy(&cols, col + j, sizeof(cols));
-    const vu lo = base_lo + cols;
-    const vu hi = base_hi - bit_cast_vec<vu>(lo < cols);  // + carry (a true comparison lane is -1)
+    vu lo, hi;
+    counters(row_offset, cols, lo, hi);
     const vf u = philox_uniform(P.seed_lo, P.seed_hi, lo, hi);
     store(z + j, u >= P.drop_p ? splat(kept) : splat(0.0f));
   }

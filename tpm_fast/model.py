@@ -115,8 +115,8 @@ class TPMMI(nn.Module):
             )
         self.dropout = nn.Dropout(config.emission_dropout)
         self.emissions = nn.Linear(self.bert.config.hidden_size, len(config.labels))
-        self.crf = CRF(len(config.labels), batch_first=True, backend=backend)
-        use_fast_dropout(self, backend)  # BERT's, ViT's, the prefix encoder's and the emissions' nn.Dropout
+        self.crf = CRF(len(config.labels), batch_first=True)
+        self.backend = backend  # the CRF's, and every nn.Dropout's (BERT's, ViT's, the prefix's, the emissions')
 
     @property
     def backend(self) -> str:
