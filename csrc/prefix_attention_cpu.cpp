@@ -11,8 +11,11 @@
 // the (n, c) score block (c = m + visible tokens; n <= 512 in this project, so it stays in L1/L2) and runs small
 // register-blocked GEMMs on it. Everything is fp32 (bf16 / fp16 inputs are converted per tile, outputs rounded once).
 //   forward:  S = Q K'^T, P = exp2(S * scale * log2(e) - max) / sum, (dropout), O = P V'
-//   backward: P = exp2(S * scale * log2(e) - lse2), dV' = (P * Z)^T dO, dP = dO V'^T, dS = P * (dP * Z - delta)
-//             with delta = rowsum(dO * O) and Z the dropout factor, dQ = dS K' * scale, dK' = dS^T Q * scale.
+//   backward: P = exp2(S * scale * log2(e) - max) / sum, dV' = (P * Z)^T dO, dP = dO V'^T, dS = P * (dP * Z - delta)
+//             with Z the dropout factor and delta = rowsum(P * dP * Z) (the softmax backward's; equal to FA-2's
+//             rowsum(dO * O) in exact arithmetic, and exact where P is one-hot), P recomputed exactly as the
+//             forward formed it (max, numerators, sum: neither O nor lse is read),
+//             dQ = dS K' * scale, dK' = dS^T Q * scale.
 //
 // SIMD: the kernels (prefix_attention_cpu_isa.h, over the vector helpers of prefix_attention_cpu_simd.h) are
 // written with GCC vector extensions of kW floats. This file includes them once per instruction set (AVX-512, AVX2 + FMA, baseline) inside `#pragma GCC target` regions, the scheme of Google
@@ -95,8 +98,7 @@ struct FwdArgs {
 struct BwdArgs {
   Problem p;
   at::ScalarType dtype;
-  Strided dout, q, k, v, kp, vp, out;
-  const float* lse;  // shape: (B, H, n) contiguous
+  Strided dout, q, k, v, kp, vp;
   Strided dq, dk, dv, dkp, dvp;
 };
 
@@ -320,17 +322,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
               "prefix_attention_bwd (CPU): grad_out, out and lse must be CPU tensors");
   const auto dtype = q.scalar_type();
   const at::Tensor dout_t = grad_out.scalar_type() == dtype ? grad_out : grad_out.to(dtype);
-  const at::Tensor out_t = out.scalar_type() == dtype ? out : out.to(dtype);
-  const at::Tensor lse_t = lse.to(at::kFloat).contiguous();
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   at::Tensor dk_p = at::empty_like(k_p), dv_p = at::empty_like(v_p);
   if (q.size(0) * q.size(1) == 0 || q.size(2) == 0 || q.size(3) == 0) {  // nothing attends: all gradients 0
     return {dq.zero_(), dk.zero_(), dv.zero_(), dk_p.zero_(), dv_p.zero_()};
   }
   ProblemBuilder pb(q, k, k_p, key_padding_mask, lengths, seed, dropout_p, scale);
-  BwdArgs args{pb.p,         dtype,        strided(dout_t), strided(q),  strided(k),   strided(v),
-               strided(k_p), strided(v_p), strided(out_t),  lse_t.data_ptr<float>(),  strided(dq),
-               strided(dk),  strided(dv),  strided(dk_p),   strided(dv_p)};
+  BwdArgs args{pb.p,        dtype,       strided(dout_t), strided(q),    strided(k),    strided(v), strided(k_p),
+               strided(v_p), strided(dq), strided(dk),     strided(dv),   strided(dk_p), strided(dv_p)};
   const RangeFn fn = kernels().bwd;
   at::parallel_for(0, pb.p.B * pb.p.H, 1, [&](int64_t begin, int64_t end) { fn(&args, begin, end); });
   return {dq, dk, dv, dk_p, dv_p};

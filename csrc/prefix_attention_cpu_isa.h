@@ -110,7 +110,7 @@ static void fwd_one(const FwdArgs& a, int64_t bh, const FwdWork& w) {
   const int64_t c = m + nv, cp = round_up(c, kW), dp = round_up(d, kW);
   float* lse = a.lse + bh * n;  // shape: (n,)
   T* out = row_ptr_mut<T>(a.out, b, h, 0);
-  if (c == 0) {  // no visible key at all: out 0, lse +inf (the backward then recomputes p = 0)
+  if (c == 0) {  // no visible key at all: out 0, lse +inf (the backward gives 0 gradients)
     zero_rows(out, a.out.sr, a.out.sc, n, d);
     std::fill(lse, lse + n, std::numeric_limits<float>::infinity());
     return;
@@ -174,7 +174,7 @@ void fwd_range(const void* args, int64_t begin, int64_t end) {
 // ------------------------------------------------------------------------------------------------ backward
 
 struct BwdWork {
-  float *q, *dout, *o, *kt, *vt, *kb, *vb, *s, *dp, *dq, *dk, *dv, *z, *delta;
+  float *q, *dout, *kt, *vt, *kb, *vb, *s, *dp, *dq, *dk, *dv, *z, *rmax, *rsum;
   uint32_t* col;
 };
 
@@ -185,7 +185,6 @@ static void bwd_one(const BwdArgs& a, int64_t bh, const BwdWork& w) {
   const int32_t* vis = P.vis + P.vis_off[b];
   const int64_t nv = P.vis_off[b + 1] - P.vis_off[b];
   const int64_t c = m + nv, cp = round_up(c, kW), dp = round_up(d, kW);
-  const float* lse = a.lse + bh * n;  // shape: (n,)
   T* dq_out = row_ptr_mut<T>(a.dq, b, h, 0);
   T* dk_out = row_ptr_mut<T>(a.dk, b, h, 0);
   T* dv_out = row_ptr_mut<T>(a.dv, b, h, 0);
@@ -200,41 +199,48 @@ static void bwd_one(const BwdArgs& a, int64_t bh, const BwdWork& w) {
   int64_t ldq, ldo;
   const float* q = as_fp32(row_ptr<T>(a.q, b, h, 0), n, d, a.q.sr, a.q.sc, dp, w.q, ldq);  // shape: (n, dp)
   const float* dout = as_fp32(row_ptr<T>(a.dout, b, h, 0), n, d, a.dout.sr, a.dout.sc, dp, w.dout, ldo);
-  // delta = rowsum(dO * O) (FA-2's preprocess), O as stored by the forward (q's dtype)
-  int64_t ldo2;
-  const float* o = as_fp32(row_ptr<T>(a.out, b, h, 0), n, d, a.out.sr, a.out.sc, dp, w.o, ldo2);  // shape: (n, dp)
-  for (int64_t i = 0; i < n; ++i) {
-    vf acc = splat(0.0f);
-    for (int64_t x = 0; x < dp; x += kW) acc += load(dout + i * ldo + x) * load(o + i * ldo2 + x);
-    w.delta[i] = allsum(acc)[0];
-  }
   gather_rows<T>(a.kp, a.k, b, h, m, vis, c, cp, d, dp, w.kb);  // shape: (cp, dp) K'
   gather_rows<T>(a.vp, a.v, b, h, m, vis, c, cp, d, dp, w.vb);  // shape: (cp, dp) V'
   transpose(w.kb, dp, cp, dp, w.kt, cp);                         // shape: (dp, cp) K'^T
   transpose(w.vb, dp, cp, dp, w.vt, cp);                         // shape: (dp, cp) V'^T
   gemm(n, cp, d, q, ldq, 1, w.kt, cp, w.s, cp, P.qk_scale);  // shape: (n, cp) scores as in the forward
   gemm(n, cp, d, dout, ldo, 1, w.vt, cp, w.dp, cp);          // shape: (n, cp) dP = dO V'^T
+  // P as the forward formed it: the same scores, numerators and row sums (not exp2(S - lse): at large logits the
+  // fp32 lse, ~1e3, is off by up to half its ulp, which scales a whole row of P by up to 1e-4)
+  const vi tail_ok = lane_index() < static_cast<int32_t>(c - (cp - kW));
+  int64_t i0 = 0;
+  for (; i0 + 4 <= n; i0 += 4) softmax_rows<4>(w.s + i0 * cp, cp, tail_ok, w.rmax + i0, w.rsum + i0);
+  for (; i0 < n; ++i0) softmax_rows<1>(w.s + i0 * cp, cp, tail_ok, w.rmax + i0, w.rsum + i0);
   if (P.dropout) joined_columns(m, vis, nv, cp, w.col);
+  // dS = P * (dP Z - delta) with delta = rowsum(P * dP Z): the softmax backward's row sum, from the same P and dP as
+  // dS (FA-2's rowsum(dO * O) re-rounds O, in q's dtype: where a row's softmax is one-hot its dS, exactly 0, came
+  // out ~1e-6 |dO| |V|, and ~4e-3 of that in bf16). The whole row is at hand here; padding columns hold P = 0.
   for (int64_t i = 0; i < n; ++i) {
-    float* s = w.s + i * cp;    // becomes P * Z (the dV operand)
+    float* s = w.s + i * cp;     // becomes P * Z (the dV operand)
     float* dpr = w.dp + i * cp;  // becomes dS
-    const vf l2 = splat(lse[i]), dl = splat(w.delta[i]);
     if (P.dropout) {
       dropout_factors(P, static_cast<uint64_t>(bh * n + i) * static_cast<uint64_t>(m + n_k), w.col, c, P.keep_scale,
                       w.z);
+      for (int64_t j = 0; j < cp; j += kW) store(dpr + j, load(dpr + j) * load(w.z + j));
+    }
+    const vf inv = splat(1.0f / w.rsum[i]);
+    vf acc = splat(0.0f);
+    for (int64_t j = 0; j < cp; j += kW) {
+      const vf p = load(s + j) * inv;
+      store(s + j, p);
+      acc += p * load(dpr + j);
+    }
+    const vf delta = allsum(acc);
+    if (P.dropout) {
       for (int64_t j = 0; j < cp; j += kW) {
-        const vf p = exp2v(load(s + j) - l2), z = load(w.z + j);
-        store(s + j, p * z);
-        store(dpr + j, p * (load(dpr + j) * z - dl));
+        const vf p = load(s + j);
+        store(dpr + j, p * (load(dpr + j) - delta));
+        store(s + j, p * load(w.z + j));
       }
     } else {
-      for (int64_t j = 0; j < cp; j += kW) {
-        const vf p = exp2v(load(s + j) - l2);
-        store(s + j, p);
-        store(dpr + j, p * (load(dpr + j) - dl));
-      }
+      for (int64_t j = 0; j < cp; j += kW) store(dpr + j, load(s + j) * (load(dpr + j) - delta));
     }
-  }  // columns [c, cp) of P Z and dS hold junk: the GEMMs below read columns [0, c) only
+  }  // the GEMMs below read columns [0, c) only
   gemm(c, dp, n, w.s, 1, cp, dout, ldo, w.dv, dp);               // shape: (c, dp) dV' = (P Z)^T dO
   gemm(c, dp, n, w.dp, 1, cp, q, ldq, w.dk, dp, P.scale);         // shape: (c, dp) dK' = dS^T Q * scale
   gemm(n, dp, c, w.dp, cp, 1, w.kb, dp, w.dq, dp, P.scale);       // shape: (n, dp) dQ = dS K' * scale
@@ -262,7 +268,6 @@ static void bwd_range_t(const BwdArgs& a, int64_t begin, int64_t end) {
   const Arena arena = Arena::carve([&](Arena& ar) {
     w.q = ar.take(n * dp);
     w.dout = ar.take(n * dp);
-    w.o = ar.take(n * dp);
     w.kt = ar.take(dp * cp);
     w.vt = ar.take(dp * cp);
     w.kb = ar.take(cp * dp);
@@ -273,7 +278,8 @@ static void bwd_range_t(const BwdArgs& a, int64_t begin, int64_t end) {
     w.dk = ar.take(cp * dp);
     w.dv = ar.take(cp * dp);
     w.z = ar.take(cp);
-    w.delta = ar.take(n);
+    w.rmax = ar.take(round_up(n, kW));
+    w.rsum = ar.take(round_up(n, kW));
     w.col = reinterpret_cast<uint32_t*>(ar.take(cp));
   });
   for (int64_t bh = begin; bh < end; ++bh) bwd_one<T>(a, bh, w);

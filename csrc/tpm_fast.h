@@ -65,7 +65,9 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cpu(
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& seed, double dropout_p, double scale);
 
-// Returns dq, dk, dv, dk_p, dv_p (like the inputs); padded keys get exactly 0.
+// Returns dq, dk, dv, dk_p, dv_p (like the inputs); padded keys get exactly 0. out and lse (the forward's) are
+// checked and not read: the CPU kernel recomputes each row's P as the forward did and its softmax-backward sum from
+// P and dP (the contract, shared with the Triton kernels, keeps them).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& k_p, const at::Tensor& v_p, const at::Tensor& out, const at::Tensor& lse,

@@ -130,18 +130,27 @@ def test_lse_in_log2_units():
     assert all(torch.isfinite(g).all() for g in grads0) and all((g[2] == 0).all() for g in grads0[:3])
 
 
-def test_large_logits_within_reference_fp32_error():
-    """q, k scaled by 30: scores ~ 1e3. The fp32 reference itself loses digits; stay within 2x / 3x its error."""
-    inputs = attention_inputs(2, 1, 37, 37, 4, 32, seed=12, qk_scale=30.0)
+@pytest.mark.parametrize("seed", range(12, 20))
+def test_large_logits_within_reference_fp32_error(seed):
+    """q, k scaled by 30: scores ~ 1e3, whose fp32 rounding unit (~1e-4) bounds any fp32 kernel's accuracy; the fp32
+    reference itself loses digits. The output and the gradients stay within 2x / 3x its error plus one such unit
+    (times their max): where a softmax row splits between near-tied keys, which kernel rounds luckier decides the rest
+    (the baseline x86 path of ``ATEN_CPU_CAPABILITY=default`` has no FMA: 0.2 units where the reference had 0.03).
+    Saturated rows, whose gradients vanish, held the backward to its rounding: P from the fp32 lse (~1e3) or
+    delta from rowsum(dO * O) gave errors of 1e-5..1e-3 on gradients of 1e-9..1e-2 here (seeds 13-15)."""
+    inputs = attention_inputs(2, 1, 37, 37, 4, 32, seed=seed, qk_scale=30.0)
     kw = {"lengths": torch.tensor([37, 9])}
     w = _weights(inputs[0], 2)
     out, _, grads = _native(inputs, w, **kw)
     ref32, ref32_grads = _ref(inputs, w, dtype=torch.float32, **kw)
     truth, truth_grads = _ref(inputs, w, **kw)
-    assert max_err(out, truth) <= 2 * max_err(ref32, truth) + 1e-5
+    q, k, _, k_p, _ = (x.double() for x in inputs)
+    scores = q @ torch.cat([k_p, k], 2).transpose(-1, -2) / math.sqrt(q.shape[-1])  # shape: (B, H, n, m + n)
+    score_unit = torch.finfo(torch.float32).eps * scores.abs().max().item()
+    assert max_err(out, truth) <= 2 * max_err(ref32, truth) + score_unit * max_abs(truth)
     for g, r, t in zip(grads, ref32_grads, truth_grads):
         assert torch.isfinite(g).all()
-        assert max_err(g, t) <= 3 * max_err(r, t) + 1e-5 * (1 + max_abs(t))
+        assert max_err(g, t) <= 3 * max_err(r, t) + score_unit * max_abs(t) + 1e-5
 
 
 def test_edge_shapes():
