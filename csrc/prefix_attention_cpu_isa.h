@@ -96,6 +96,14 @@ static inline void softmax_rows(float* s, int64_t cp, vi tail_ok, float* rmax, f
   }
 }
 
+// softmax_rows over all n rows of an (n, cp) score block whose first c columns are keys: 4 rows at a time, then 1.
+static inline void softmax_block(float* s, int64_t n, int64_t c, int64_t cp, float* rmax, float* rsum) {
+  const vi tail_ok = lane_index() < static_cast<int32_t>(c - (cp - kW));  // visible lanes of the last vector
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) softmax_rows<4>(s + i * cp, cp, tail_ok, rmax + i, rsum + i);
+  for (; i < n; ++i) softmax_rows<1>(s + i * cp, cp, tail_ok, rmax + i, rsum + i);
+}
+
 struct FwdWork {
   float *q, *kb, *kt, *vb, *s, *o, *z, *rmax, *rsum;
   uint32_t* col;
@@ -122,10 +130,7 @@ static void fwd_one(const FwdArgs& a, int64_t bh, const FwdWork& w) {
   gather_rows<T>(a.vp, a.v, b, h, m, vis, c, cp, d, dp, w.vb);  // shape: (cp, dp) V'
   gemm(n, cp, d, q, ldq, 1, w.kt, cp, w.s, cp, P.qk_scale);  // shape: (n, cp) scores, log2 units
   if (P.dropout) joined_columns(m, vis, nv, cp, w.col);
-  const vi tail_ok = lane_index() < static_cast<int32_t>(c - (cp - kW));  // visible lanes of the last vector
-  int64_t i0 = 0;
-  for (; i0 + 4 <= n; i0 += 4) softmax_rows<4>(w.s + i0 * cp, cp, tail_ok, w.rmax + i0, w.rsum + i0);
-  for (; i0 < n; ++i0) softmax_rows<1>(w.s + i0 * cp, cp, tail_ok, w.rmax + i0, w.rsum + i0);
+  softmax_block(w.s, n, c, cp, w.rmax, w.rsum);
   if (P.dropout) {  // after the row sums (as in the Triton kernel: l accumulates the undropped p)
     for (int64_t r = 0; r < n; ++r) {
       dropout_factors(P, static_cast<uint64_t>(bh * n + r) * static_cast<uint64_t>(m + P.n_k), w.col, c, 1.0f, w.z);
@@ -207,10 +212,7 @@ static void bwd_one(const BwdArgs& a, int64_t bh, const BwdWork& w) {
   gemm(n, cp, d, dout, ldo, 1, w.vt, cp, w.dp, cp);          // shape: (n, cp) dP = dO V'^T
   // P as the forward formed it: the same scores, numerators and row sums (not exp2(S - lse): at large logits the
   // fp32 lse, ~1e3, is off by up to half its ulp, which scales a whole row of P by up to 1e-4)
-  const vi tail_ok = lane_index() < static_cast<int32_t>(c - (cp - kW));
-  int64_t i0 = 0;
-  for (; i0 + 4 <= n; i0 += 4) softmax_rows<4>(w.s + i0 * cp, cp, tail_ok, w.rmax + i0, w.rsum + i0);
-  for (; i0 < n; ++i0) softmax_rows<1>(w.s + i0 * cp, cp, tail_ok, w.rmax + i0, w.rsum + i0);
+  softmax_block(w.s, n, c, cp, w.rmax, w.rsum);
   if (P.dropout) joined_columns(m, vis, nv, cp, w.col);
   // dS = P * (dP Z - delta) with delta = rowsum(P * dP Z): the softmax backward's row sum, from the same P and dP as
   // dS (FA-2's rowsum(dO * O) re-rounds O, in q's dtype: where a row's softmax is one-hot its dS, exactly 0, came

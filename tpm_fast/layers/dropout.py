@@ -33,13 +33,14 @@ def use_fast_dropout(module: nn.Module, backend: str = "auto") -> int:
     Returns:
         How many modules now run as `Dropout`.
     """
+    backend = check_backend(backend)
     count = 0
     for name, child in module.named_children():
         if type(child) is nn.Dropout:
             child = Dropout(child.p, child.inplace, backend=backend)
             setattr(module, name, child)
         if isinstance(child, Dropout):
-            child.backend = check_backend(backend)
+            child.backend = backend
             count += 1
         else:
             count += use_fast_dropout(child, backend)
